@@ -1,0 +1,236 @@
+"""Input validation and the flat token layout shared by every loss implementation.
+
+Two layouts reach the loss:
+- padded: hidden [B, T, d], targets/mask/old_logp/ref_logp/importance_weights [B, T];
+- packed: hidden [1, T_total, d] holding S concatenated sequences, with cu_seqlens [S + 1]
+  (0, end of sequence 1, ..., T_total).
+Both become one flat token axis with a sequence id per token; "B" in the loss normalizers is the
+number of sequences (B, or S when packed). Only the tokens with mask != 0 ("active") are ever
+sent to a kernel.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def _err(name: str, expected: str, got) -> ValueError:
+    if isinstance(got, torch.Tensor):
+        got = f"tensor of shape {tuple(got.shape)} and dtype {got.dtype}"
+    return ValueError(f"{name}: expected {expected}, got {got}")
+
+
+def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        bias: Optional[torch.Tensor], temperature: float,
+                        active: Optional[torch.Tensor] = None) -> None:
+    """Validates the LM-head inputs. hidden [..., d] float, weight [V, d] same dtype and device,
+    targets [...] integer in [0, V) at the active tokens, bias [V], temperature > 0."""
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.dim() < 1:
+        raise _err("hidden", "a float tensor [..., d]", hidden)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or \
+            weight.shape[1] != hidden.shape[-1]:
+        raise _err("weight", f"a tensor [V, d] with d = hidden.shape[-1] = {hidden.shape[-1]}",
+                   weight)
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise _err("weight", f"dtype {hidden.dtype} on {hidden.device} (as hidden)", weight)
+    if weight.shape[0] < 1:
+        raise _err("weight", "at least one vocabulary row", weight)
+    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
+        raise _err("targets", "an int64 tensor of token ids", targets)
+    if targets.shape != hidden.shape[:-1]:
+        raise _err("targets", f"shape {tuple(hidden.shape[:-1])} (hidden without its last dim)",
+                   targets)
+    if targets.device != hidden.device:
+        raise _err("targets", f"a tensor on {hidden.device}", targets)
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)
+                             or bias.dtype != weight.dtype or bias.device != weight.device):
+        raise _err("bias", f"a [{weight.shape[0]}] tensor of dtype {weight.dtype}", bias)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+            not (math.isfinite(temperature) and temperature > 0):
+        raise _err("temperature", "a finite float > 0", temperature)
+    t = targets if active is None else targets.reshape(-1)[active]
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= weight.shape[0]):
+        raise ValueError(f"targets: token ids must lie in [0, V = {weight.shape[0]}), got ids in "
+                         f"[{int(t.min())}, {int(t.max())}]")
+    if not bool(torch.isfinite(hidden).all()):
+        raise ValueError("hidden: contains NaN or inf")
+
+
+@dataclass
+class TokenBatch:
+    """The loss inputs on one flat token axis. N = all tokens, n = active tokens."""
+    hidden: torch.Tensor                 # [N, d]
+    targets: torch.Tensor                # [N] int64
+    mask: torch.Tensor                   # [N] fp32 (fp64 for fp64 hidden) token weights
+    seq_id: torch.Tensor                 # [N] int64
+    cu_seqlens: torch.Tensor             # [S + 1] int64
+    active: torch.Tensor                 # [n] int64 indices of the tokens with mask != 0
+    out_shape: tuple                     # shape of targets, for per-token outputs
+    advantages: Optional[torch.Tensor]   # [N] per token, or None when rewards are given
+    rewards: Optional[torch.Tensor]      # [S] or None
+    group_size: Optional[int]
+    old_logp: Optional[torch.Tensor]     # [N] or None (on-policy)
+    ref_logp: Optional[torch.Tensor]     # [N] or None (no KL term)
+    importance_weights: Optional[torch.Tensor]  # [N] or None
+    beta: Union[float, torch.Tensor]
+    eps_low: float
+    eps_high: float
+    temperature: float
+    loss_type: str
+    max_completion_length: int
+    num_items: Union[float, torch.Tensor]  # dapo normalizer
+
+    @property
+    def n_seqs(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+
+def _per_token_input(name, x, shape, device, active):
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.shape != shape:
+        raise _err(name, f"a float tensor of shape {tuple(shape)} (as targets)", x)
+    if x.device != device:
+        raise _err(name, f"a tensor on {device}", x)
+    flat = x.reshape(-1)
+    if not bool(torch.isfinite(flat[active]).all()):
+        raise ValueError(f"{name}: contains NaN or inf at unmasked tokens")
+    return flat
+
+
+def prepare_batch(hidden, weight, targets, advantages=None, *, rewards=None, group_size=None,
+                  mask=None, old_logp=None, ref_logp=None, importance_weights=None, beta=0.0,
+                  eps_low=0.2, eps_high=None, temperature=1.0, loss_type="grpo",
+                  max_completion_length=None, num_items_in_batch=None, bias=None,
+                  cu_seqlens=None) -> TokenBatch:
+    """Validates the grpo_loss arguments (ValueError naming the argument) and flattens them."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or not hidden.is_floating_point():
+        raise _err("hidden", "a float tensor [B, T, d] (or [1, T_total, d] with cu_seqlens)",
+                   hidden)
+    B, T, _ = hidden.shape
+    dev = hidden.device
+    if not isinstance(targets, torch.Tensor) or targets.shape != (B, T):
+        raise _err("targets", f"an int64 tensor of shape ({B}, {T})", targets)
+    if mask is None:
+        mask_flat = torch.ones(B * T, device=dev)
+    else:
+        if not isinstance(mask, torch.Tensor) or mask.shape != (B, T):
+            raise _err("mask", f"a tensor of shape ({B}, {T})", mask)
+        if mask.device != dev:
+            raise _err("mask", f"a tensor on {dev}", mask)
+        mask_flat = mask.reshape(-1).float()
+        if not bool(torch.isfinite(mask_flat).all()) or bool((mask_flat < 0).any()):
+            raise ValueError("mask: expected finite values >= 0 (1 = train on the token)")
+    fdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    mask_flat = mask_flat.to(fdt)
+    active = torch.nonzero(mask_flat).view(-1)
+    check_linear_inputs(hidden, weight, targets, bias, temperature, active)
+
+    if cu_seqlens is None:
+        cu = torch.arange(B + 1, device=dev, dtype=torch.int64) * T
+        seq_id = torch.arange(B, device=dev).repeat_interleave(T)
+        seq_lens_max = T
+    else:
+        if B != 1:
+            raise _err("hidden", "shape [1, T_total, d] in the packed layout (cu_seqlens given)",
+                       hidden)
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or \
+                cu_seqlens.is_floating_point() or cu_seqlens.numel() < 2:
+            raise _err("cu_seqlens", "a 1-D integer tensor [S + 1]", cu_seqlens)
+        cu = cu_seqlens.to(device=dev, dtype=torch.int64)
+        lens = cu[1:] - cu[:-1]
+        if int(cu[0]) != 0 or int(cu[-1]) != T or bool((lens < 0).any()):
+            raise ValueError(f"cu_seqlens: expected 0 = c_0 <= c_1 <= ... <= c_S = T_total = {T}, "
+                             f"got {cu.tolist()}")
+        seq_id = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), lens)
+        seq_lens_max = int(lens.max())
+    S = cu.numel() - 1
+
+    if (advantages is None) == (rewards is None):
+        raise ValueError("advantages / rewards: give exactly one of advantages ([B] or [B, T]) "
+                         "or rewards ([B]) with group_size")
+    adv_flat = rew = None
+    if advantages is not None:
+        if not isinstance(advantages, torch.Tensor) or not advantages.is_floating_point() or \
+                advantages.device != dev:
+            raise _err("advantages", f"a float tensor on {dev}", advantages)
+        if advantages.shape == (S,):
+            adv_flat = advantages.to(fdt)[seq_id]
+        elif advantages.shape == (B, T):
+            adv_flat = advantages.reshape(-1).to(fdt)
+        else:
+            raise _err("advantages", f"shape ({S},) (per sequence) or ({B}, {T}) (per token)",
+                       advantages)
+        if not bool(torch.isfinite(adv_flat[active]).all()):
+            raise ValueError("advantages: contains NaN or inf")
+        if group_size is not None:
+            raise ValueError("group_size: only used with rewards=, not with advantages=")
+    else:
+        if not isinstance(rewards, torch.Tensor) or rewards.shape != (S,) or \
+                not rewards.is_floating_point() or rewards.device != dev:
+            raise _err("rewards", f"a float tensor of shape ({S},) on {dev}", rewards)
+        if not bool(torch.isfinite(rewards).all()):
+            raise ValueError("rewards: contains NaN or inf")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+            raise _err("group_size", "an int >= 2 with rewards=", group_size)
+        if S % group_size:
+            raise ValueError(f"group_size: {group_size} does not divide the number of "
+                             f"sequences {S}")
+        rew = rewards.to(fdt)
+
+    per_tok = {}
+    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp),
+                    ("importance_weights", importance_weights)):
+        flat = _per_token_input(name, x, (B, T), dev, active)
+        per_tok[name] = None if flat is None else flat.to(fdt)
+
+    if isinstance(beta, torch.Tensor):
+        if beta.dim() != 0 or not beta.is_floating_point():
+            raise _err("beta", "a float or a 0-d float tensor", beta)
+        if beta.device != dev:
+            raise _err("beta", f"a tensor on {dev} (read on the device, no host sync)", beta)
+    elif isinstance(beta, bool) or not isinstance(beta, (int, float)) or \
+            not (math.isfinite(beta) and beta >= 0):
+        raise _err("beta", "a finite float >= 0 or a 0-d tensor", beta)
+    elif beta > 0 and ref_logp is None:
+        raise ValueError("ref_logp: required when beta > 0 (the KL term needs the reference "
+                         "model's log-probs)")
+    if eps_high is None:
+        eps_high = eps_low
+    for name, e in (("eps_low", eps_low), ("eps_high", eps_high)):
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not (0 <= e < math.inf):
+            raise _err(name, "a finite float >= 0", e)
+    if eps_low >= 1:
+        raise _err("eps_low", "a float in [0, 1) (the ratio is clipped below at 1 - eps_low)",
+                   eps_low)
+    if loss_type not in LOSS_TYPES:
+        raise _err("loss_type", f"one of {LOSS_TYPES}", repr(loss_type))
+    if max_completion_length is None:
+        max_completion_length = seq_lens_max
+    if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) or \
+            max_completion_length < 1:
+        raise _err("max_completion_length", "an int >= 1", max_completion_length)
+    if num_items_in_batch is None:
+        num_items = mask_flat.sum().clamp(min=1.0)
+    elif isinstance(num_items_in_batch, torch.Tensor):
+        num_items = num_items_in_batch.to(device=dev, dtype=mask_flat.dtype).reshape(())
+    elif isinstance(num_items_in_batch, (int, float)) and not isinstance(num_items_in_batch, bool) \
+            and num_items_in_batch > 0:
+        num_items = float(num_items_in_batch)
+    else:
+        raise _err("num_items_in_batch", "a number > 0 (masked tokens across accumulation steps)",
+                   num_items_in_batch)
+
+    return TokenBatch(
+        hidden=hidden.reshape(B * T, -1), targets=targets.reshape(-1).long(), mask=mask_flat,
+        seq_id=seq_id, cu_seqlens=cu, active=active, out_shape=(B, T), advantages=adv_flat,
+        rewards=rew, group_size=group_size, old_logp=per_tok["old_logp"],
+        ref_logp=per_tok["ref_logp"], importance_weights=per_tok["importance_weights"],
+        beta=beta, eps_low=float(eps_low), eps_high=float(eps_high),
+        temperature=float(temperature), loss_type=loss_type,
+        max_completion_length=max_completion_length, num_items=num_items)

@@ -1,0 +1,183 @@
+"""The public loss API: token_logprobs, grpo_loss and GRPOLoss, with the impl switch.
+
+impl: "triton" (fused kernels, mr1fast.kernels), "torch" (chunked, mr1fast.chunked), "naive"
+(TRL's code path: full logits and a selective log-softmax; a baseline only), "auto" (triton
+for CUDA inputs when Triton is importable, torch otherwise).
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .batch import TokenBatch, check_linear_inputs, prepare_batch
+from .chunked import ChunkedTokenLogprobs
+from .reference import grpo_objective, make_stats
+
+IMPLS = ("auto", "triton", "torch", "naive")
+
+
+def _triton_unavailable(device, dtype) -> Optional[str]:
+    try:
+        from .kernels.token_logprobs import unavailable_reason
+    except ImportError as e:  # pragma: no cover
+        return f"mr1fast.kernels cannot be imported ({e})"
+    return unavailable_reason(device, dtype)
+
+
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The implementation that will run; an explicitly requested one that cannot run raises."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and _triton_unavailable(device, dtype) is None \
+            else "torch"
+    if impl == "triton":
+        why = _triton_unavailable(device, dtype)
+        if why is not None:
+            raise RuntimeError(f"impl='triton' cannot run here: {why}")
+    return impl
+
+
+def naive_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0):
+    """TRL's path: the full [..., V] logits in the input dtype, then a selective log-softmax
+    (gather minus logsumexp for fp32/fp64; a per-row log_softmax for half dtypes). Returns
+    fp32 logp and entropy (the entropy is not differentiable)."""
+    logits = F.linear(hidden, weight, bias)
+    logits = logits / temperature
+    if logits.dtype in (torch.float32, torch.float64):
+        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        logp = picked - torch.logsumexp(logits, dim=-1)
+    else:
+        rows = logits if logits.dim() > 2 else logits.unsqueeze(0)
+        row_targets = targets if logits.dim() > 2 else targets.unsqueeze(0)
+        logp = torch.stack([torch.log_softmax(r, -1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
+                            for r, t in zip(rows, row_targets)]).view(targets.shape)
+    with torch.no_grad():
+        logsm = torch.log_softmax(logits.float(), dim=-1)
+        entropy = -(logsm.exp() * logsm).sum(-1)
+    return logp.float() if logp.dtype != torch.float64 else logp, entropy
+
+
+def _flat_logprobs(impl, hidden, weight, targets, bias, temperature):
+    """logp and entropy of hidden [n, d] for the torch and triton impls."""
+    if impl == "torch":
+        return ChunkedTokenLogprobs.apply(hidden, weight, bias, targets, temperature)
+    from .kernels.token_logprobs import TritonTokenLogprobs
+    return TritonTokenLogprobs.apply(hidden.contiguous(), weight.contiguous(), bias,
+                                     targets.contiguous(), temperature)
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                   bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                   return_entropy: bool = False, impl: str = "auto"):
+    """log p(targets) under softmax((hidden @ weight.T + bias) / temperature), per token.
+
+    hidden [..., d] (fp32, bf16, fp16; fp64 on the torch paths), weight [V, d] (the LM head,
+    possibly tied to the input embedding), targets [...] int64 in [0, V). Returns fp32 log-probs
+    [...] (fp64 for fp64 inputs), differentiable w.r.t. hidden, weight and bias, and with
+    return_entropy=True also the per-token softmax entropy (nats, fp32, not differentiable),
+    computed in the same pass. No [..., V] tensor is built except by impl="naive".
+    """
+    check_linear_inputs(hidden, weight, targets, bias, temperature)
+    impl = resolve_impl(impl, hidden.device, hidden.dtype)
+    temperature = float(temperature)
+    if impl == "naive":
+        logp, entropy = naive_token_logprobs(hidden, weight, targets.long(), bias, temperature)
+    else:
+        d = hidden.shape[-1]
+        logp, entropy = _flat_logprobs(impl, hidden.reshape(-1, d), weight,
+                                       targets.reshape(-1).long(), bias, temperature)
+        logp, entropy = logp.view(targets.shape), entropy.view(targets.shape)
+    return (logp, entropy) if return_entropy else logp
+
+
+def _empty_result(batch: TokenBatch, hidden, weight, return_entropy):
+    """No token has mask != 0: a zero loss that still back-propagates (zero gradients)."""
+    loss = hidden.reshape(-1)[:0].float().sum() + weight.reshape(-1)[:0].float().sum()
+    zero = torch.zeros(0, device=hidden.device)
+    stats = make_stats(batch, zero, zero, zero.bool(), zero.bool(),
+                       zero if return_entropy else None)
+    return loss, stats
+
+
+def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+              advantages: Optional[torch.Tensor] = None, *,
+              rewards: Optional[torch.Tensor] = None, group_size: Optional[int] = None,
+              mask: Optional[torch.Tensor] = None, old_logp: Optional[torch.Tensor] = None,
+              ref_logp: Optional[torch.Tensor] = None,
+              importance_weights: Optional[torch.Tensor] = None,
+              beta: Union[float, torch.Tensor] = 0.0, eps_low: float = 0.2,
+              eps_high: Optional[float] = None, temperature: float = 1.0,
+              loss_type: str = "grpo", max_completion_length: Optional[int] = None,
+              num_items_in_batch=None, bias: Optional[torch.Tensor] = None,
+              cu_seqlens: Optional[torch.Tensor] = None, return_entropy: bool = False,
+              impl: str = "auto"):
+    """The GRPO-D loss from the LM head's input, without materializing the logits.
+
+    Per token: -min(r*A, clip(r, 1-eps_low, 1+eps_high)*A) * iw + beta * k3_kl, with
+    r = exp(logp - old_logp) (on-policy when old_logp is None), k3_kl = exp(ref - logp) -
+    (ref - logp) - 1, aggregated by loss_type ("grpo", "bnpo", "dr_grpo", "dapo"; TRL's
+    definitions, see mr1fast.reference.token_scales).
+
+    Shapes: hidden [B, T, d]; weight [V, d]; targets [B, T] int64; advantages [B] or [B, T]
+    (or rewards [B] with group_size: group advantages computed in the fused pass); mask,
+    old_logp, ref_logp, importance_weights [B, T] (fp32, detached). Packed layout: hidden
+    [1, T_total, d] and cu_seqlens [S + 1]; then per-sequence tensors are [S].
+    beta: float or 0-d tensor (a device tensor is read on the device; no recompilation for a
+    new value). Tokens with mask 0 are dropped before any kernel runs; their targets and
+    per-token inputs are ignored.
+
+    Returns (loss, stats): loss a 0-d fp32 tensor; stats detached fp32 "logp" [B, T] and the
+    mask-weighted means "kl", "clip_low", "clip_high", "clip_frac" (and "entropy" when
+    return_entropy).
+    """
+    batch = prepare_batch(hidden, weight, targets, advantages, rewards=rewards,
+                          group_size=group_size, mask=mask, old_logp=old_logp,
+                          ref_logp=ref_logp, importance_weights=importance_weights, beta=beta,
+                          eps_low=eps_low, eps_high=eps_high, temperature=temperature,
+                          loss_type=loss_type, max_completion_length=max_completion_length,
+                          num_items_in_batch=num_items_in_batch, bias=bias,
+                          cu_seqlens=cu_seqlens)
+    impl = resolve_impl(impl, hidden.device, hidden.dtype)
+    if batch.active.numel() == 0:
+        return _empty_result(batch, hidden, weight, return_entropy)
+    if impl == "triton":
+        from .kernels.grpo_loss import triton_grpo_loss
+        return triton_grpo_loss(batch, weight, bias, return_entropy)
+    idx = batch.active
+    if impl == "naive":
+        # TRL computes every position's logits, masked ones included (their targets zeroed).
+        safe_targets = torch.where(batch.mask != 0, batch.targets, 0).view(batch.out_shape)
+        logp, entropy = naive_token_logprobs(hidden, weight, safe_targets, bias,
+                                             batch.temperature)
+        logp, entropy = logp.reshape(-1)[idx], entropy.reshape(-1)[idx]
+    else:
+        logp, entropy = _flat_logprobs(impl, batch.hidden[idx], weight, batch.targets[idx], bias,
+                                       batch.temperature)
+    return grpo_objective(batch, logp, entropy if return_entropy else None)
+
+
+class GRPOLoss(nn.Module):
+    """Holds a grpo_loss configuration; forward(hidden, weight, targets, advantages, **inputs).
+
+    Set `.beta` between steps for a scheduled KL coefficient (see mr1fast.schedules).
+    """
+
+    def __init__(self, *, beta: Union[float, torch.Tensor] = 0.0, eps_low: float = 0.2,
+                 eps_high: Optional[float] = None, temperature: float = 1.0,
+                 loss_type: str = "grpo", max_completion_length: Optional[int] = None,
+                 return_entropy: bool = False, impl: str = "auto"):
+        super().__init__()
+        self.beta, self.eps_low, self.eps_high = beta, eps_low, eps_high
+        self.temperature, self.loss_type, self.impl = temperature, loss_type, impl
+        self.max_completion_length, self.return_entropy = max_completion_length, return_entropy
+
+    def forward(self, hidden, weight, targets, advantages=None, **inputs):
+        return grpo_loss(hidden, weight, targets, advantages, beta=self.beta,
+                         eps_low=self.eps_low, eps_high=self.eps_high,
+                         temperature=self.temperature, loss_type=self.loss_type,
+                         max_completion_length=self.max_completion_length,
+                         return_entropy=self.return_entropy, impl=self.impl, **inputs)

@@ -1,0 +1,122 @@
+"""The specification: the GRPO-D loss in plain torch.
+
+These definitions are the single source of the loss math. The fp64 reference (full logits) is
+what every implementation is tested against; the "torch" and "naive" implementations reuse
+per_token_grpo, token_scales and grpo_objective, so the math exists once in torch (the Triton
+epilogue is the only other copy, and the tests hold it to this one).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .advantages import group_advantages
+from .batch import TokenBatch, prepare_batch
+
+
+def per_token_grpo(logp, advantages, old_logp, ref_logp, importance_weights, beta,
+                   eps_low: float, eps_high: float):
+    """Per-token GRPO-D loss and its parts, all [n].
+
+    loss = -min(r*A, clip(r, 1-eps_low, 1+eps_high)*A) * iw + beta * kl,
+    r = exp(logp - old_logp) (old_logp None: on-policy, r = exp(logp - logp.detach()) = 1 with
+    gradient), kl = exp(ref - logp) - (ref - logp) - 1 (k3; 0 when ref_logp is None).
+    Returns (loss, kl, low_clipped, high_clipped), the clip flags as TRL defines them.
+    """
+    old = logp.detach() if old_logp is None else old_logp
+    ratio = torch.exp(logp - old)
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    loss = -torch.min(ratio * advantages, clipped * advantages)
+    if importance_weights is not None:
+        loss = loss * importance_weights
+    if ref_logp is not None:
+        delta = ref_logp - logp
+        kl = torch.exp(delta) - delta - 1.0
+        loss = loss + beta * kl
+    else:
+        kl = torch.zeros_like(logp)
+    low = (ratio < 1.0 - eps_low) & (advantages < 0)
+    high = (ratio > 1.0 + eps_high) & (advantages > 0)
+    return loss, kl, low, high
+
+
+def token_scales(batch: TokenBatch) -> torch.Tensor:
+    """s_t [N] with loss = sum_t s_t * loss_t; TRL's loss types, mask included.
+
+    grpo: per sequence sum(l*m) / max(sum(m), 1), then the mean over all S sequences (fully
+    masked ones count); bnpo: sum / max(masked tokens, 1); dr_grpo: sum / (S * max_completion_length);
+    dapo: sum / num_items_in_batch.
+    """
+    m, S = batch.mask, batch.n_seqs
+    if batch.loss_type == "grpo":
+        # Segment sums by cumsum differences: deterministic, unlike index_add on CUDA.
+        csum = torch.cat([m.new_zeros(1), torch.cumsum(m, 0)])
+        counts = csum[batch.cu_seqlens[1:]] - csum[batch.cu_seqlens[:-1]]
+        return m / (S * counts.clamp(min=1.0))[batch.seq_id]
+    if batch.loss_type == "bnpo":
+        return m / m.sum().clamp(min=1.0)
+    if batch.loss_type == "dr_grpo":
+        return m / (S * batch.max_completion_length)
+    return m / batch.num_items
+
+
+def sequence_advantages(batch: TokenBatch) -> torch.Tensor:
+    """Advantages of the active tokens [n]: given, or from rewards by group_advantages."""
+    if batch.advantages is not None:
+        return batch.advantages[batch.active]
+    adv = group_advantages(batch.rewards, batch.group_size)
+    return adv[batch.seq_id[batch.active]]
+
+
+def _at_active(x: Optional[torch.Tensor], batch: TokenBatch):
+    return None if x is None else x[batch.active]
+
+
+def grpo_objective(batch: TokenBatch, logp: torch.Tensor, entropy: Optional[torch.Tensor] = None):
+    """The loss and stats from the active tokens' log-probs logp [n] (differentiable)."""
+    loss_t, kl, low, high = per_token_grpo(
+        logp, sequence_advantages(batch), _at_active(batch.old_logp, batch),
+        _at_active(batch.ref_logp, batch), _at_active(batch.importance_weights, batch),
+        batch.beta, batch.eps_low, batch.eps_high)
+    loss = (loss_t * token_scales(batch)[batch.active]).sum()
+    return loss, make_stats(batch, logp, kl, low, high, entropy)
+
+
+def make_stats(batch: TokenBatch, logp, kl, low, high, entropy=None) -> dict:
+    """Detached fp32 stats: per-token logp (shape of targets, 0 at masked tokens), and the
+    mask-weighted means of kl, the clip flags and entropy."""
+    m = batch.mask[batch.active].float()
+    denom = m.sum().clamp(min=1.0)
+
+    def mean(x):
+        return (x.detach().float() * m).sum() / denom
+
+    full = torch.zeros(batch.mask.numel(), dtype=torch.float32, device=batch.mask.device)
+    full[batch.active] = logp.detach().float()
+    stats = {"logp": full.view(batch.out_shape), "kl": mean(kl),
+             "clip_low": mean(low), "clip_high": mean(high)}
+    stats["clip_frac"] = stats["clip_low"] + stats["clip_high"]
+    if entropy is not None:
+        stats["entropy"] = mean(entropy)
+    return stats
+
+
+def reference_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0):
+    """log p(target) and the softmax entropy per token, from the full logits. [...], [...]"""
+    logits = F.linear(hidden, weight, bias) / temperature
+    logsm = torch.log_softmax(logits, dim=-1)
+    logp = logsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logsm.exp() * logsm).sum(-1)
+    return logp, entropy
+
+
+def reference_grpo_loss(hidden, weight, targets, advantages=None, *, bias=None,
+                        return_entropy=False, **kwargs):
+    """grpo_loss computed plainly from full logits; pass fp64 tensors for the ground truth."""
+    batch = prepare_batch(hidden, weight, targets, advantages, bias=bias, **kwargs)
+    idx = batch.active
+    logp, entropy = reference_token_logprobs(batch.hidden[idx], weight, batch.targets[idx],
+                                             bias=bias, temperature=batch.temperature)
+    return grpo_objective(batch, logp, entropy if return_entropy else None)
