@@ -1,0 +1,314 @@
+"""grpo_loss: every impl against the fp64 reference (loss, dH, dW, db, logp, stats)."""
+import inspect
+
+import pytest
+import torch
+from helpers import HALF_MARGIN, TOLERANCES, assert_close, max_err
+
+import mr1fast
+from mr1fast import GRPOLoss, group_advantages, grpo_loss
+from mr1fast.reference import reference_grpo_loss, reference_token_logprobs
+
+IMPLS = ["naive", "torch", "triton"]
+
+# Each case covers several features; together they cover every loss type, beta 0 and > 0,
+# on- and off-policy (both clip sides), importance weights, rewards + group_size, masks with a
+# fully masked sequence, temperature != 1, per-sequence and per-token advantages, bias, the
+# packed layout, odd sizes and entropy.
+CASES = {
+    "grpo_offpolicy_kl_bias_temp": dict(B=4, T=6, d=64, V=300, loss_type="grpo", beta=0.05,
+                                        old=True, ref=True, adv="seq", bias=True,
+                                        temperature=0.7, mask=True, entropy=True),
+    "bnpo_onpolicy_iw_token_adv": dict(B=4, T=5, d=48, V=257, loss_type="bnpo", beta=0.0,
+                                       adv="token", iw=True, mask=True),
+    "dr_grpo_rewards_groups": dict(B=6, T=5, d=32, V=200, loss_type="dr_grpo", beta=0.02,
+                                   old=True, ref=True, rewards=3, max_completion_length=8,
+                                   mask=True, entropy=True),
+    "dapo_packed_iw": dict(packed=[3, 1, 4, 2], d=40, V=333, loss_type="dapo", beta=0.1,
+                           old=True, ref=True, adv="seq", iw=True, num_items=17, mask=True),
+    "grpo_T1_d80_V1000": dict(B=3, T=1, d=80, V=1000, loss_type="grpo", beta=0.04, old=True,
+                              ref=True, adv="seq"),
+    "grpo_packed_rewards": dict(packed=[2, 3, 1, 4], d=32, V=130, loss_type="grpo", beta=0.0,
+                                old=True, rewards=2, temperature=1.3),
+}
+
+
+def make_case(c, seed=0):
+    """fp64 inputs for a case: (hidden, weight, targets, advantages, kwargs)."""
+    g = torch.Generator().manual_seed(seed)
+    d, V = c["d"], c["V"]
+    if "packed" in c:
+        lens = c["packed"]
+        B, T = 1, sum(lens)
+        cu = torch.tensor([0] + lens).cumsum(0)
+        S = len(lens)
+    else:
+        B, T, S, cu = c["B"], c["T"], c["B"], None
+    hidden = torch.randn(B, T, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, d, generator=g, dtype=torch.float64) / d ** 0.5 * 2
+    targets = torch.randint(0, V, (B, T), generator=g)
+    bias = torch.randn(V, generator=g, dtype=torch.float64) * 0.5 if c.get("bias") else None
+    kw = dict(loss_type=c["loss_type"], beta=c["beta"], bias=bias,
+              temperature=c.get("temperature", 1.0))
+    true_logp, _ = reference_token_logprobs(hidden, weight, targets, bias=bias,
+                                            temperature=kw["temperature"])
+    if c.get("old"):  # far enough from logp that both clip sides fire
+        kw["old_logp"] = (true_logp + 0.4 * torch.randn(B, T, generator=g,
+                                                        dtype=torch.float64)).float()
+    if c.get("ref"):
+        kw["ref_logp"] = (true_logp + 0.3 * torch.randn(B, T, generator=g,
+                                                        dtype=torch.float64)).float()
+    if c.get("iw"):
+        kw["importance_weights"] = (0.5 + torch.rand(B, T, generator=g)).float()
+    if c.get("mask"):
+        mask = (torch.rand(B, T, generator=g) > 0.25).float()
+        if cu is None:
+            mask[1] = 0  # a fully masked sequence
+        else:
+            mask[0, cu[1]:cu[2]] = 0
+        kw["mask"] = mask
+    if "max_completion_length" in c:
+        kw["max_completion_length"] = c["max_completion_length"]
+    if "num_items" in c:
+        kw["num_items_in_batch"] = c["num_items"]
+    if cu is not None:
+        kw["cu_seqlens"] = cu
+    advantages = None
+    if c.get("rewards"):
+        kw["rewards"] = torch.randint(0, 3, (S,), generator=g).float()
+        kw["rewards"][: c["rewards"]] = 1.0  # one group of equal rewards: zero advantages
+        kw["group_size"] = c["rewards"]
+    elif c["adv"] == "seq":
+        advantages = torch.randn(S, generator=g)
+    else:
+        advantages = torch.randn(B, T, generator=g)
+    return hidden, weight, targets, advantages, kw
+
+
+def run(impl, hidden, weight, targets, advantages, kw, dtype, entropy=False):
+    """Loss, stats and gradients (dH, dW, db) of one impl at dtype."""
+    h = hidden.to(dtype).requires_grad_()
+    w = weight.to(dtype).requires_grad_()
+    kw = dict(kw)
+    if kw.get("bias") is not None:
+        kw["bias"] = kw["bias"].to(dtype).requires_grad_()
+    if impl == "reference":
+        loss, stats = reference_grpo_loss(h, w, targets, advantages, return_entropy=entropy,
+                                          **kw)
+    else:
+        loss, stats = grpo_loss(h, w, targets, advantages, return_entropy=entropy, impl=impl,
+                                **kw)
+    loss.backward()
+    grads = {"dH": h.grad, "dW": w.grad}
+    if kw.get("bias") is not None:
+        grads["db"] = kw["bias"].grad
+    return loss, stats, grads
+
+
+def reference_at(dtype, hidden, weight, targets, advantages, kw, entropy=False):
+    """The fp64 ground truth from the dtype-rounded inputs."""
+    kw = dict(kw)
+    if kw.get("bias") is not None:
+        kw["bias"] = kw["bias"].to(dtype).double()
+    return run("reference", hidden.to(dtype).double(), weight.to(dtype).double(), targets,
+               None if advantages is None else advantages.double(), kw, torch.float64, entropy)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference_fp32(case, impl):
+    c = CASES[case]
+    inputs = make_case(c)
+    entropy = c.get("entropy", False)
+    ref_loss, ref_stats, ref_grads = reference_at(torch.float32, *inputs, entropy=entropy)
+    loss, stats, grads = run(impl, *inputs, torch.float32, entropy=entropy)
+    atol, rtol = TOLERANCES[torch.float32]
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert_close("loss", loss, ref_loss, atol, rtol)
+    for k, ref_g in ref_grads.items():
+        assert_close(k, grads[k], ref_g, atol, rtol)
+    assert stats["logp"].dtype == torch.float32
+    assert_close("logp", stats["logp"], ref_stats["logp"], atol, rtol)
+    for k in ("kl", "clip_low", "clip_high", "clip_frac") + (("entropy",) if entropy else ()):
+        assert_close(k, stats[k], ref_stats[k], atol, rtol)
+    if c.get("old") and c["loss_type"] == "grpo" and "packed" not in c and c["T"] > 1:
+        assert ref_stats["clip_low"] > 0 and ref_stats["clip_high"] > 0, "case must clip both sides"
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_no_worse_than_torch(dtype, impl):
+    """Half inputs: error vs the fp64 reference of the rounded inputs within an absolute bound
+    and at most HALF_MARGIN x torch's own error in that dtype (the naive path)."""
+    inputs = make_case(CASES["grpo_offpolicy_kl_bias_temp"], seed=1)
+    ref_loss, ref_stats, ref_grads = reference_at(dtype, *inputs)
+    naive = run("naive", *inputs, dtype)
+    ours = run(impl, *inputs, dtype)
+    atol, _ = TOLERANCES[dtype]
+    pairs = [("loss", ours[0], naive[0], ref_loss), ("logp", ours[1]["logp"], naive[1]["logp"],
+                                                     ref_stats["logp"])]
+    pairs += [(k, ours[2][k], naive[2][k], ref_grads[k]) for k in ref_grads]
+    for name, got, torch_got, want in pairs:
+        err, torch_err = max_err(got, want), max_err(torch_got, want)
+        scale = max(1.0, want.abs().max().item())
+        assert err <= atol * scale, f"{name}: error {err:.3g} > {atol * scale:.3g}"
+        assert err <= HALF_MARGIN * torch_err + atol * scale / 10, \
+            f"{name}: error {err:.3g} worse than torch's {dtype} error {torch_err:.3g}"
+
+
+def test_triton_deterministic():
+    inputs = make_case(CASES["grpo_offpolicy_kl_bias_temp"])
+    a = run("triton", *inputs, torch.float32)
+    b = run("triton", *inputs, torch.float32)
+    assert torch.equal(a[0], b[0])
+    for k in a[2]:
+        assert torch.equal(a[2][k], b[2][k]), f"{k} differs between identical runs"
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_rewards_equal_group_advantages(impl):
+    hidden, weight, targets, _, kw = make_case(CASES["dr_grpo_rewards_groups"])
+    rewards, g = kw.pop("rewards"), kw.pop("group_size")
+    a = run(impl, hidden, weight, targets, None, dict(kw, rewards=rewards, group_size=g),
+            torch.float32)
+    b = run(impl, hidden, weight, targets, group_advantages(rewards, g), kw, torch.float32)
+    atol, rtol = TOLERANCES[torch.float32]
+    assert_close("loss", a[0], b[0], atol, rtol)
+    for k in a[2]:
+        assert_close(k, a[2][k], b[2][k], atol, rtol)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_beta_tensor_equals_float(impl):
+    hidden, weight, targets, adv, kw = make_case(CASES["grpo_T1_d80_V1000"])
+    a = run(impl, hidden, weight, targets, adv, kw, torch.float32)
+    b = run(impl, hidden, weight, targets, adv, dict(kw, beta=torch.tensor(kw["beta"])),
+            torch.float32)
+    assert torch.allclose(a[0], b[0], atol=1e-7)
+    assert torch.allclose(a[2]["dH"], b[2]["dH"], atol=1e-7)
+
+
+def _constexpr_params(kernel):
+    fn = getattr(kernel, "fn", kernel)
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    sig = inspect.signature(fn)
+    return {n for n, p in sig.parameters.items() if "constexpr" in str(p.annotation)}
+
+
+def test_runtime_scalars_are_not_constexpr():
+    from mr1fast.kernels import grpo_loss as gk
+    from mr1fast.kernels import token_logprobs as tk
+    kernels = [tk._token_logprobs_fwd_kernel, tk._token_logprobs_bwd_kernel,
+               tk._logits_tile, gk._grpo_loss_fwd_kernel]
+    for k in kernels:
+        cx = _constexpr_params(k)
+        assert cx, "signature inspection found no constexpr at all"
+        params = set(inspect.signature(getattr(k, "fn", k)).parameters)
+        runtime = {"beta_ptr", "inv_temperature", "eps_low", "eps_high"} & params
+        assert not runtime & cx, f"{runtime & cx} must be runtime arguments"
+    assert {"beta_ptr", "eps_low", "eps_high"} <= set(
+        inspect.signature(gk._grpo_loss_fwd_kernel.fn).parameters)
+
+
+@pytest.mark.cuda
+def test_beta_changes_never_recompile_on_gpu():
+    from mr1fast.kernels import grpo_loss as gk
+    hidden, weight, targets, adv, kw = make_case(CASES["grpo_offpolicy_kl_bias_temp"])
+    to = (lambda x: x.cuda() if isinstance(x, torch.Tensor) else x)
+    kw = {k: to(v) for k, v in kw.items()}
+    args = [to(x) for x in (hidden.float(), weight.float(), targets, adv)]
+
+    def n_compiled():
+        caches = gk._grpo_loss_fwd_kernel.device_caches
+        return sum(len(c[0]) for c in caches.values())
+
+    grpo_loss(*args, **dict(kw, beta=0.01), impl="triton")[0].item()
+    before = n_compiled()
+    for beta in (0.02, 0.07, torch.tensor(0.1, device="cuda"), 0.0):
+        grpo_loss(*args, **dict(kw, beta=beta, eps_low=0.1 + beta * 0.1 if
+                                isinstance(beta, float) else 0.3), impl="triton")
+    assert n_compiled() == before
+
+
+def test_fully_masked_batch_gives_zero_loss_and_grads():
+    hidden, weight, targets, adv, kw = make_case(CASES["grpo_T1_d80_V1000"])
+    kw["mask"] = torch.zeros(targets.shape)
+    for impl in IMPLS:
+        loss, stats, grads = run(impl, hidden, weight, targets, adv, kw, torch.float32)
+        assert loss.item() == 0.0 and stats["kl"].item() == 0.0
+        assert torch.count_nonzero(grads["dH"]) == 0 and torch.count_nonzero(grads["dW"]) == 0
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_masked_targets_are_ignored(impl):
+    """HF-style -100 labels at masked positions are never read."""
+    hidden, weight, targets, adv, kw = make_case(CASES["bnpo_onpolicy_iw_token_adv"])
+    a = run(impl, hidden, weight, targets, adv, kw, torch.float32)
+    targets2 = torch.where(kw["mask"] == 0, -100, targets)
+    b = run(impl, hidden, weight, targets2, adv, kw, torch.float32)
+    assert torch.allclose(a[0], b[0]) and torch.allclose(a[2]["dW"], b[2]["dW"])
+
+
+def test_module_matches_function():
+    hidden, weight, targets, adv, kw = make_case(CASES["grpo_offpolicy_kl_bias_temp"])
+    module = GRPOLoss(beta=kw.pop("beta"), temperature=kw.pop("temperature"), impl="torch")
+    loss_type = kw.pop("loss_type")
+    assert loss_type == module.loss_type
+    a, _ = module(hidden.float(), weight.float(), targets, adv, **dict(kw, bias=kw["bias"].float()))
+    b, _ = grpo_loss(hidden.float(), weight.float(), targets, adv, beta=module.beta,
+                     temperature=module.temperature, impl="torch",
+                     **dict(kw, bias=kw["bias"].float()))
+    assert torch.equal(a, b)
+
+
+def _valid():
+    hidden, weight, targets, adv, kw = make_case(CASES["grpo_T1_d80_V1000"])
+    return dict(hidden=hidden.float(), weight=weight.float(), targets=targets, advantages=adv,
+                ref_logp=kw["ref_logp"], beta=0.04)
+
+
+@pytest.mark.parametrize("name,change,match", [
+    ("targets shape", lambda a: a.update(targets=a["targets"][:, :0]), "targets"),
+    ("float targets", lambda a: a.update(targets=a["targets"].float()), "targets"),
+    ("ids >= V", lambda a: a.update(targets=a["targets"] + 1000), "targets"),
+    ("negative ids", lambda a: a.update(targets=a["targets"] - 1000), "targets"),
+    ("NaN hidden", lambda a: a["hidden"].view(-1)[3].fill_(float("nan")), "hidden"),
+    ("weight d", lambda a: a.update(weight=a["weight"][:, :5]), "weight"),
+    ("weight dtype", lambda a: a.update(weight=a["weight"].double()), "weight"),
+    ("advantages shape", lambda a: a.update(advantages=torch.zeros(7)), "advantages"),
+    ("group_size does not divide B",
+     lambda a: a.update(advantages=None, rewards=torch.ones(3), group_size=2), "group_size"),
+    ("group_size < 2",
+     lambda a: a.update(advantages=None, rewards=torch.ones(3), group_size=1), "group_size"),
+    ("both advantages and rewards", lambda a: a.update(rewards=torch.ones(3), group_size=3),
+     "rewards"),
+    ("beta > 0 without ref", lambda a: a.pop("ref_logp"), "ref_logp"),
+    ("negative beta", lambda a: a.update(beta=-0.1), "beta"),
+    ("loss type", lambda a: a.update(loss_type="ppo"), "loss_type"),
+    ("temperature", lambda a: a.update(temperature=0.0), "temperature"),
+    ("eps_low", lambda a: a.update(eps_low=1.5), "eps_low"),
+    ("old_logp shape", lambda a: a.update(old_logp=torch.zeros(2, 2)), "old_logp"),
+    ("NaN ref_logp", lambda a: a["ref_logp"].view(-1)[0].fill_(float("nan")), "ref_logp"),
+    ("mask shape", lambda a: a.update(mask=torch.ones(5)), "mask"),
+    ("cu_seqlens", lambda a: a.update(cu_seqlens=torch.tensor([0, 2])), "cu_seqlens|hidden"),
+    ("impl", lambda a: a.update(impl="cuda"), "impl"),
+])
+def test_bad_input_raises_value_error_naming_argument(name, change, match):
+    args = _valid()
+    change(args)
+    with pytest.raises(ValueError, match=match):
+        grpo_loss(args.pop("hidden"), args.pop("weight"), args.pop("targets"),
+                  args.pop("advantages", None), **args)
+
+
+def test_unavailable_impl_raises():
+    h, w, y, adv, kw = make_case(CASES["grpo_T1_d80_V1000"])
+    with pytest.raises(RuntimeError, match="triton"):
+        grpo_loss(h, w, y, adv, ref_logp=kw["ref_logp"], impl="triton")  # fp64: no kernel
+
+
+def test_auto_picks_torch_on_cpu():
+    from mr1fast.loss import resolve_impl
+    assert resolve_impl("auto", torch.device("cpu"), torch.float32) == "torch"
+    assert mr1fast.grpo_loss is grpo_loss
