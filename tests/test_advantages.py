@@ -14,8 +14,8 @@ def test_group_scale_matches_definition():
 
 
 def test_equal_rewards_give_zeros_not_nan():
-    a = group_advantages(torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 0.0]), 3)
-    assert torch.equal(a[:3], torch.zeros(3)) and not torch.isnan(a).any()
+    a = group_advantages(torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]), 3)
+    assert torch.equal(a, torch.zeros(6)) and not torch.isnan(a).any()
 
 
 def test_batch_and_none_scales():
