@@ -1,0 +1,61 @@
+"""The results format every benchmark writes: JSON under bench/results/<device>/, one record per
+measurement (op, impl, mode, shape, dtype, metric, value, unit, device, versions, commit, date)."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-")
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("triton", "liger_kernel", "mr1fast"):
+        try:
+            m = __import__(mod)
+            out[mod] = getattr(m, "__version__", "installed")
+        except ImportError:
+            pass
+    return out
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=RESULTS_DIR.parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def record(op, impl, mode, shape: dict, dtype, metric, value, unit) -> dict:
+    return {"op": op, "impl": impl, "mode": mode, "shape": shape, "dtype": str(dtype).replace(
+        "torch.", ""), "metric": metric, "value": value, "unit": unit}
+
+
+def write(records: list[dict], name: str) -> Path:
+    """Stamps records with device, versions, commit and date; writes one JSON file."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    dev, ver, sha = device_name(), versions(), commit()
+    for r in records:
+        r.update(device=dev, versions=ver, commit=sha, date=now.isoformat(timespec="seconds"))
+    out = RESULTS_DIR / _slug(dev) / f"{name}-{now:%Y%m%d-%H%M%S}-{sha}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(records, indent=1) + "\n")
+    return out
