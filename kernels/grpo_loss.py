@@ -136,7 +136,8 @@ class TritonGRPOLoss(torch.autograd.Function):
 def triton_grpo_loss(batch: TokenBatch, weight, bias, return_entropy: bool):
     """grpo_loss on the active tokens of a validated batch through the fused kernels."""
     idx = batch.active
-    hidden = batch.hidden[idx].contiguous()
+    every = idx.numel() == batch.mask.numel()  # nothing masked: no gather copy of hidden
+    hidden = (batch.hidden if every else batch.hidden[idx]).contiguous()
     dev = hidden.device
     beta = batch.beta if isinstance(batch.beta, torch.Tensor) else \
         torch.tensor(float(batch.beta), dtype=torch.float32, device=dev)

@@ -21,7 +21,10 @@ def matmul_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b accumulated and returned in fp32 (fp64 for fp64). On CUDA, half inputs stay half
     for the tensor cores with an fp32 output; elsewhere they are upcast first."""
     if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
-        return torch.mm(a, b, out_dtype=torch.float32)
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch without mm(out_dtype=): upcast instead
+            pass
     dt = acc_dtype(a.dtype)
     return torch.mm(a.to(dt), b.to(dt))
 
