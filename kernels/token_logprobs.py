@@ -30,7 +30,7 @@ try:
 except ImportError:  # pragma: no cover - platforms without triton keep the torch paths
     triton = None
 
-from mr1fast.chunked import matmul_acc
+from mr1fast.chunked import logprobs_function, matmul_acc
 
 # Triton's interpreter runs these kernels on CPU tensors. It must be chosen before triton
 # decorates the kernels, i.e. before this module is imported.
@@ -303,21 +303,5 @@ def token_logprobs_backward(hidden, weight, bias, targets, lse, grad_logp, tempe
             None if db is None else db.to(bias.dtype))
 
 
-class TritonTokenLogprobs(torch.autograd.Function):
-    """logp (differentiable) and entropy (not differentiable) of hidden [n, d] through weight."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature):
-        logp, lse, entropy = token_logprobs_forward(hidden, weight, bias, targets, temperature)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.temperature = temperature
-        ctx.mark_non_differentiable(entropy)
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logp, _grad_entropy):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        dh, dw, db = token_logprobs_backward(hidden, weight, bias, targets, lse, grad_logp,
-                                             ctx.temperature, ctx.needs_input_grad[0],
-                                             ctx.needs_input_grad[1])
-        return dh, dw, db, None, None
+TritonTokenLogprobs = logprobs_function("TritonTokenLogprobs", token_logprobs_forward,
+                                        token_logprobs_backward)

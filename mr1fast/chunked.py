@@ -103,21 +103,30 @@ def chunked_backward(hidden, weight, bias, targets, lse, grad_logp, temperature,
             None if db is None else db.to(bias.dtype))
 
 
-class ChunkedTokenLogprobs(torch.autograd.Function):
-    """logp (differentiable) and entropy (not differentiable) of hidden [n, d] through weight."""
+def logprobs_function(name, forward, backward):
+    """An autograd.Function (hidden [n, d], weight, bias, targets, temperature) -> (logp,
+    entropy) from a forward(...) -> (logp, lse, entropy) and a backward(..., lse, grad_logp,
+    temperature, need_hidden, need_weight) -> (dh, dw, db). Entropy is not differentiable."""
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature):
-        logp, lse, entropy = chunked_forward(hidden, weight, bias, targets, temperature)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.temperature = temperature
-        ctx.mark_non_differentiable(entropy)
-        return logp, entropy
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, bias, targets, temperature):
+            logp, lse, entropy = forward(hidden, weight, bias, targets, temperature)
+            ctx.save_for_backward(hidden, weight, bias, targets, lse)
+            ctx.temperature = temperature
+            ctx.mark_non_differentiable(entropy)
+            return logp, entropy
 
-    @staticmethod
-    def backward(ctx, grad_logp, _grad_entropy):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        dh, dw, db = chunked_backward(hidden, weight, bias, targets, lse, grad_logp,
-                                      ctx.temperature, ctx.needs_input_grad[0],
-                                      ctx.needs_input_grad[1])
-        return dh, dw, db, None, None
+        @staticmethod
+        def backward(ctx, grad_logp, _grad_entropy):
+            hidden, weight, bias, targets, lse = ctx.saved_tensors
+            dh, dw, db = backward(hidden, weight, bias, targets, lse, grad_logp, ctx.temperature,
+                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+            return dh, dw, db, None, None
+
+    Function.__name__ = Function.__qualname__ = name
+    return Function
+
+
+ChunkedTokenLogprobs = logprobs_function("ChunkedTokenLogprobs", chunked_forward,
+                                         chunked_backward)

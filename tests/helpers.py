@@ -27,3 +27,13 @@ def assert_close(name, got, want, atol, rtol):
             f"{name}: {int(bad.sum())}/{bad.numel()} elements out of tolerance "
             f"(atol={atol}, rtol={rtol}); worst at flat index {int(i)}: got "
             f"{g.reshape(-1)[i].item():.6g}, want {w.reshape(-1)[i].item():.6g}")
+
+
+def assert_no_worse_than_torch(name, got, torch_got, want, dtype):
+    """Half dtypes: error vs the fp64 truth within TOLERANCES' atol (scaled by the magnitude) and
+    at most HALF_MARGIN x torch's own error in that dtype, plus atol / 10."""
+    err, torch_err = max_err(got, want), max_err(torch_got, want)
+    bound = TOLERANCES[dtype][0] * max(1.0, want.abs().max().item())
+    assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g}"
+    assert err <= HALF_MARGIN * torch_err + bound / 10, \
+        f"{name}: error {err:.3g} worse than torch's {dtype} error {torch_err:.3g}"

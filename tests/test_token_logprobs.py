@@ -2,7 +2,7 @@
 launchers' grid and scratch arithmetic."""
 import pytest
 import torch
-from helpers import HALF_MARGIN, TOLERANCES, assert_close, max_err
+from helpers import TOLERANCES, assert_close, assert_no_worse_than_torch, max_err
 
 from mr1fast import token_logprobs
 from mr1fast.reference import reference_token_logprobs
@@ -69,16 +69,11 @@ def test_half_no_worse_than_torch(impl, dtype):
     naive = run("naive", *inputs, dtype, 0.9)
     got = run(impl, *inputs, dtype, 0.9)
     assert got[0].dtype == torch.float32
-    atol, _ = TOLERANCES[dtype]
     names = ["logp", "entropy"] + list(want[2])
     for name, g, n, w in zip(names, [got[0], got[1]] + list(got[2].values()),
                              [naive[0], naive[1]] + list(naive[2].values()),
                              [want[0], want[1]] + list(want[2].values())):
-        err, torch_err = max_err(g, w), max_err(n, w)
-        scale = max(1.0, w.abs().max().item())
-        assert err <= atol * scale, f"{name}: error {err:.3g}"
-        assert err <= HALF_MARGIN * torch_err + atol * scale / 10, \
-            f"{name}: {err:.3g} vs torch's {torch_err:.3g}"
+        assert_no_worse_than_torch(name, g, n, w, dtype)
 
 
 def test_torch_impl_gradcheck_fp64():
