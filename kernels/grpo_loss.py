@@ -15,7 +15,7 @@ import torch
 from mr1fast.batch import TokenBatch
 from mr1fast.reference import make_stats, token_scales
 
-from .token_logprobs import lse_partials, token_logprobs_backward, triton
+from .token_logprobs import lse_partials, on_device, token_logprobs_backward, triton
 
 if triton is not None:
     import triton.language as tl
@@ -109,16 +109,17 @@ class TritonGRPOLoss(torch.autograd.Function):
         lse, logp, ent, loss_t, dlogp, kl, low, high = out
         block = 256
         dummy = out[0]
-        _grpo_loss_fwd_kernel[(triton.cdiv(n, block),)](
-            pmax, psum, pent, tgt, n, n_splits,
-            adv if adv is not None else dummy, rewards if rewards is not None else dummy,
-            seq if seq is not None else targets, group_size or 2, ADVANTAGE_EPS,
-            old if old is not None else dummy, ref if ref is not None else dummy,
-            iw if iw is not None else dummy, scale, beta, eps_low, eps_high,
-            lse, logp, ent, loss_t, dlogp, kl, low, high,
-            HAS_OLD=old is not None, HAS_REF=ref is not None, HAS_IW=iw is not None,
-            FROM_REWARDS=rewards is not None, BLOCK_N=block,
-            BLOCK_G=max(2, 1 << max(0, ((group_size or 2) - 1).bit_length())))
+        with on_device(hidden.device):
+            _grpo_loss_fwd_kernel[(triton.cdiv(n, block),)](
+                pmax, psum, pent, tgt, n, n_splits,
+                adv if adv is not None else dummy, rewards if rewards is not None else dummy,
+                seq if seq is not None else targets, group_size or 2, ADVANTAGE_EPS,
+                old if old is not None else dummy, ref if ref is not None else dummy,
+                iw if iw is not None else dummy, scale, beta, eps_low, eps_high,
+                lse, logp, ent, loss_t, dlogp, kl, low, high,
+                HAS_OLD=old is not None, HAS_REF=ref is not None, HAS_IW=iw is not None,
+                FROM_REWARDS=rewards is not None, BLOCK_N=block,
+                BLOCK_G=max(2, 1 << max(0, ((group_size or 2) - 1).bit_length())))
         ctx.save_for_backward(hidden, weight, bias, targets, lse, dlogp)
         ctx.temperature = temperature
         ctx.mark_non_differentiable(logp, kl, low, high, ent)
@@ -143,7 +144,8 @@ def triton_grpo_loss(batch: TokenBatch, weight, bias, return_entropy: bool):
         torch.tensor(float(batch.beta), dtype=torch.float32, device=dev)
     at = (lambda x: None if x is None else _f32(x[idx]))
     loss, logp, kl, low, high, ent = TritonGRPOLoss.apply(
-        hidden, weight.contiguous(), bias, batch.targets[idx].contiguous(),
+        hidden, weight.contiguous(), None if bias is None else bias.contiguous(),
+        batch.targets[idx].contiguous(),
         at(batch.advantages), _f32(batch.rewards),
         batch.seq_id[idx].contiguous() if batch.rewards is not None else None, batch.group_size,
         at(batch.old_logp), at(batch.ref_logp), at(batch.importance_weights),

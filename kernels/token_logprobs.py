@@ -19,6 +19,7 @@ value never recompiles.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -225,6 +226,11 @@ def backward_chunks(n_tokens: int, vocab: int, elem_size: int, scratch_bytes: in
     return rows, v_chunk
 
 
+def on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -242,11 +248,13 @@ def lse_partials(hidden, weight, bias, targets, temperature, num_splits=None):
     n_splits = grid[1]
     part = torch.empty(3, n_splits, n, dtype=torch.float32, device=hidden.device)
     tgt = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    _token_logprobs_fwd_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, targets, part[0], part[1], part[2],
-        tgt, n, V, d, hidden.stride(0), weight.stride(0), 1.0 / temperature, tiles_per_split,
-        HAS_BIAS=bias is not None, UPCAST=INTERPRET and hidden.dtype == torch.bfloat16,
-        FP32_DOT=hidden.dtype == torch.float32, **cfg)
+    with on_device(hidden.device):
+        _token_logprobs_fwd_kernel[grid](
+            hidden, weight, bias if bias is not None else hidden, targets, part[0], part[1], part[2],
+            tgt, n, V, d, hidden.stride(0), weight.stride(0), 1.0 / temperature,
+            tiles_per_split, HAS_BIAS=bias is not None,
+            UPCAST=INTERPRET and hidden.dtype == torch.bfloat16,
+            FP32_DOT=hidden.dtype == torch.float32, **cfg)
     return part[0], part[1], part[2], tgt, n_splits
 
 
@@ -257,8 +265,9 @@ def token_logprobs_forward(hidden, weight, bias, targets, temperature, num_split
     n = hidden.shape[0]
     out = torch.empty(3, n, dtype=torch.float32, device=hidden.device)
     block = 256
-    _token_logprobs_merge_kernel[(triton.cdiv(n, block),)](
-        pmax, psum, pent, tgt, out[0], out[1], out[2], n, n_splits, BLOCK_N=block)
+    with on_device(hidden.device):
+        _token_logprobs_merge_kernel[(triton.cdiv(n, block),)](
+            pmax, psum, pent, tgt, out[0], out[1], out[2], n, n_splits, BLOCK_N=block)
     return out[1], out[0], out[2]
 
 
@@ -268,9 +277,12 @@ def token_logprobs_backward(hidden, weight, bias, targets, lse, grad_logp, tempe
     n, d = hidden.shape
     V = weight.shape[0]
     cfg = block_config(n, V, d, hidden.dtype)
-    n_chunk, v_chunk = backward_chunks(n, V, hidden.element_size(), SCRATCH_BYTES,
+    # dlogits = g * (onehot - p) is tiny (g ~ 1/tokens, p ~ 1/V): fp16 would flush it to zero,
+    # so fp16 inputs get an fp32 scratch; bf16 has fp32's exponent range.
+    dz_dtype = torch.float32 if hidden.dtype == torch.float16 else hidden.dtype
+    n_chunk, v_chunk = backward_chunks(n, V, dz_dtype.itemsize, SCRATCH_BYTES,
                                        cfg["BLOCK_N"], cfg["BLOCK_V"])
-    scratch = torch.empty(min(n_chunk, n) * min(v_chunk, V), dtype=hidden.dtype,
+    scratch = torch.empty(min(n_chunk, n) * min(v_chunk, V), dtype=dz_dtype,
                           device=hidden.device)
     g = grad_logp.float().contiguous()
     dh = torch.zeros(n, d, dtype=torch.float32, device=hidden.device) if need_hidden else None
@@ -284,12 +296,14 @@ def token_logprobs_backward(hidden, weight, bias, targets, lse, grad_logp, tempe
             n1 = min(n0 + n_chunk, n)
             dz = scratch[:(n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0)
             grid = (triton.cdiv(n1 - n0, cfg["BLOCK_N"]) * triton.cdiv(v1 - v0, cfg["BLOCK_V"]),)
-            _token_logprobs_bwd_kernel[grid](
-                hidden[n0:n1], w_c, bias[v0:v1] if bias is not None else w_c, targets[n0:n1],
-                lse[n0:n1], g[n0:n1], dz, n1 - n0, v1 - v0, v0, d, hidden.stride(0),
-                weight.stride(0), dz.stride(0), 1.0 / temperature,
-                HAS_BIAS=bias is not None, UPCAST=INTERPRET and hidden.dtype == torch.bfloat16,
-                FP32_DOT=hidden.dtype == torch.float32, **cfg)
+            with on_device(hidden.device):
+                _token_logprobs_bwd_kernel[grid](
+                    hidden[n0:n1], w_c, bias[v0:v1] if bias is not None else w_c,
+                    targets[n0:n1], lse[n0:n1], g[n0:n1], dz, n1 - n0, v1 - v0, v0, d,
+                    hidden.stride(0), weight.stride(0), dz.stride(0), 1.0 / temperature,
+                    HAS_BIAS=bias is not None,
+                    UPCAST=INTERPRET and hidden.dtype == torch.bfloat16,
+                    FP32_DOT=hidden.dtype == torch.float32, **cfg)
             if dh is not None:
                 dh[n0:n1] += matmul_acc(dz, w_c)
             if dw is not None:

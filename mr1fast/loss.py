@@ -66,7 +66,8 @@ def _flat_logprobs(impl, hidden, weight, targets, bias, temperature):
     if impl == "torch":
         return ChunkedTokenLogprobs.apply(hidden, weight, bias, targets, temperature)
     from .kernels.token_logprobs import TritonTokenLogprobs
-    return TritonTokenLogprobs.apply(hidden.contiguous(), weight.contiguous(), bias,
+    return TritonTokenLogprobs.apply(hidden.contiguous(), weight.contiguous(),
+                                     None if bias is None else bias.contiguous(),
                                      targets.contiguous(), temperature)
 
 
@@ -84,6 +85,9 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     check_linear_inputs(hidden, weight, targets, bias, temperature)
     impl = resolve_impl(impl, hidden.device, hidden.dtype)
     temperature = float(temperature)
+    if targets.numel() == 0:  # no tokens: empty results that still back-propagate
+        logp = hidden.sum(-1).float() * 0.0
+        return (logp, torch.zeros_like(logp)) if return_entropy else logp
     if impl == "naive":
         logp, entropy = naive_token_logprobs(hidden, weight, targets.long(), bias, temperature)
     else:
