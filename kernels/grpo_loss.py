@@ -136,20 +136,19 @@ class TritonGRPOLoss(torch.autograd.Function):
 
 def triton_grpo_loss(batch: TokenBatch, weight, bias, return_entropy: bool):
     """grpo_loss on the active tokens of a validated batch through the fused kernels."""
-    idx = batch.active
-    every = idx.numel() == batch.mask.numel()  # nothing masked: no gather copy of hidden
-    hidden = (batch.hidden if every else batch.hidden[idx]).contiguous()
+    hidden = batch.take(batch.hidden).contiguous()
     dev = hidden.device
     beta = batch.beta if isinstance(batch.beta, torch.Tensor) else \
         torch.tensor(float(batch.beta), dtype=torch.float32, device=dev)
-    at = (lambda x: None if x is None else _f32(x[idx]))
+    at = (lambda x: _f32(batch.take(x)))
     loss, logp, kl, low, high, ent = TritonGRPOLoss.apply(
         hidden, weight.contiguous(), None if bias is None else bias.contiguous(),
-        batch.targets[idx].contiguous(),
+        batch.take(batch.targets).contiguous(),
         at(batch.advantages), _f32(batch.rewards),
-        batch.seq_id[idx].contiguous() if batch.rewards is not None else None, batch.group_size,
+        batch.take(batch.seq_id).contiguous() if batch.rewards is not None else None,
+        batch.group_size,
         at(batch.old_logp), at(batch.ref_logp), at(batch.importance_weights),
-        _f32(token_scales(batch)[idx]), beta.reshape(1).float(), batch.eps_low, batch.eps_high,
+        at(token_scales(batch)), beta.reshape(1).float(), batch.eps_low, batch.eps_high,
         batch.temperature)
     return loss, make_stats(batch, logp, kl, low.bool(), high.bool(),
                             ent if return_entropy else None)

@@ -89,6 +89,12 @@ class TokenBatch:
     def n_seqs(self) -> int:
         return self.cu_seqlens.numel() - 1
 
+    def take(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """x [N, ...] at the active tokens; x itself (no gather copy) when none is masked."""
+        if x is None or self.active.numel() == self.mask.numel():
+            return x
+        return x[self.active]
+
 
 def _per_token_input(name, x, shape, device, active):
     if x is None:

@@ -151,16 +151,15 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     if impl == "triton":
         from .kernels.grpo_loss import triton_grpo_loss
         return triton_grpo_loss(batch, weight, bias, return_entropy)
-    idx = batch.active
     if impl == "naive":
         # TRL computes every position's logits, masked ones included (their targets zeroed).
         safe_targets = torch.where(batch.mask != 0, batch.targets, 0).view(batch.out_shape)
         logp, entropy = naive_token_logprobs(hidden, weight, safe_targets, bias,
                                              batch.temperature)
-        logp, entropy = logp.reshape(-1)[idx], entropy.reshape(-1)[idx]
+        logp, entropy = batch.take(logp.reshape(-1)), batch.take(entropy.reshape(-1))
     else:
-        logp, entropy = _flat_logprobs(impl, batch.hidden[idx], weight, batch.targets[idx], bias,
-                                       batch.temperature)
+        logp, entropy = _flat_logprobs(impl, batch.take(batch.hidden), weight,
+                                       batch.take(batch.targets), bias, batch.temperature)
     return grpo_objective(batch, logp, entropy if return_entropy else None)
 
 
