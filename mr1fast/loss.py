@@ -41,10 +41,12 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     return impl
 
 
-def naive_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0):
+def naive_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0,
+                         want_entropy=False):
     """TRL's path: the full [..., V] logits in the input dtype, then a selective log-softmax
     (gather minus logsumexp for fp32/fp64; a per-row log_softmax for half dtypes). Returns
-    fp32 logp and entropy (the entropy is not differentiable)."""
+    fp32 logp and, when want_entropy, the entropy (not differentiable; else None). The entropy
+    costs another full-vocabulary pass, so the baseline only pays it when asked."""
     logits = F.linear(hidden, weight, bias)
     logits = logits / temperature
     if logits.dtype in (torch.float32, torch.float64):
@@ -55,9 +57,11 @@ def naive_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0):
         row_targets = targets if logits.dim() > 2 else targets.unsqueeze(0)
         logp = torch.stack([torch.log_softmax(r, -1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
                             for r, t in zip(rows, row_targets)]).view(targets.shape)
-    with torch.no_grad():
-        logsm = torch.log_softmax(logits.float(), dim=-1)
-        entropy = -(logsm.exp() * logsm).sum(-1)
+    entropy = None
+    if want_entropy:
+        with torch.no_grad():
+            logsm = torch.log_softmax(logits.float(), dim=-1)
+            entropy = -(logsm.exp() * logsm).sum(-1)
     return logp.float() if logp.dtype != torch.float64 else logp, entropy
 
 
@@ -89,7 +93,8 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         logp = hidden.sum(-1).float() * 0.0
         return (logp, torch.zeros_like(logp)) if return_entropy else logp
     if impl == "naive":
-        logp, entropy = naive_token_logprobs(hidden, weight, targets.long(), bias, temperature)
+        logp, entropy = naive_token_logprobs(hidden, weight, targets.long(), bias, temperature,
+                                             return_entropy)
     else:
         d = hidden.shape[-1]
         logp, entropy = _flat_logprobs(impl, hidden.reshape(-1, d), weight,
@@ -155,8 +160,9 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         # TRL computes every position's logits, masked ones included (their targets zeroed).
         safe_targets = torch.where(batch.mask != 0, batch.targets, 0).view(batch.out_shape)
         logp, entropy = naive_token_logprobs(hidden, weight, safe_targets, bias,
-                                             batch.temperature)
-        logp, entropy = batch.take(logp.reshape(-1)), batch.take(entropy.reshape(-1))
+                                             batch.temperature, return_entropy)
+        logp = batch.take(logp.reshape(-1))
+        entropy = None if entropy is None else batch.take(entropy.reshape(-1))
     else:
         logp, entropy = _flat_logprobs(impl, batch.take(batch.hidden), weight,
                                        batch.take(batch.targets), bias, batch.temperature)
