@@ -65,29 +65,25 @@ def token_scales(batch: TokenBatch) -> torch.Tensor:
 def sequence_advantages(batch: TokenBatch) -> torch.Tensor:
     """Advantages of the active tokens [n]: given, or from rewards by group_advantages."""
     if batch.advantages is not None:
-        return batch.advantages[batch.active]
+        return batch.take(batch.advantages)
     adv = group_advantages(batch.rewards, batch.group_size)
-    return adv[batch.seq_id[batch.active]]
-
-
-def _at_active(x: Optional[torch.Tensor], batch: TokenBatch):
-    return None if x is None else x[batch.active]
+    return adv[batch.take(batch.seq_id)]
 
 
 def grpo_objective(batch: TokenBatch, logp: torch.Tensor, entropy: Optional[torch.Tensor] = None):
     """The loss and stats from the active tokens' log-probs logp [n] (differentiable)."""
     loss_t, kl, low, high = per_token_grpo(
-        logp, sequence_advantages(batch), _at_active(batch.old_logp, batch),
-        _at_active(batch.ref_logp, batch), _at_active(batch.importance_weights, batch),
+        logp, sequence_advantages(batch), batch.take(batch.old_logp),
+        batch.take(batch.ref_logp), batch.take(batch.importance_weights),
         batch.beta, batch.eps_low, batch.eps_high)
-    loss = (loss_t * token_scales(batch)[batch.active]).sum()
+    loss = (loss_t * batch.take(token_scales(batch))).sum()
     return loss, make_stats(batch, logp, kl, low, high, entropy)
 
 
 def make_stats(batch: TokenBatch, logp, kl, low, high, entropy=None) -> dict:
     """Detached fp32 stats: per-token logp (shape of targets, 0 at masked tokens), and the
     mask-weighted means of kl, the clip flags and entropy."""
-    m = batch.mask[batch.active].float()
+    m = batch.take(batch.mask).float()
     denom = m.sum().clamp(min=1.0)
 
     def mean(x):
