@@ -16,7 +16,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -222,9 +221,8 @@ def _decode_image(value, base: Path | None) -> Image.Image:
 # Synthetic tasks. Each row's pixels depend only on (seed, row number), never on n.
 
 _BACKGROUND = (128, 128, 128)
-_COLOURS = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 210),
-            "yellow": (230, 210, 50), "purple": (150, 60, 190), "cyan": (40, 200, 200),
-            "brown": (140, 90, 40)}
+_COLOURS = ((200, 40, 40), (40, 170, 60), (40, 80, 210), (230, 210, 50), (150, 60, 190),
+            (40, 200, 200), (140, 90, 40))  # red, green, blue, yellow, purple, cyan, brown
 _SHAPES = ("circle", "square", "triangle")
 
 
@@ -247,7 +245,7 @@ def make_counting(n: int, seed: int = 0, *, image_size: int = 112, min_objects: 
         for _ in range(rng.randint(min_objects, max_objects)):
             x, y, r = _free_spot(rng, placed, image_size)
             shape = rng.choice(_SHAPES)
-            colour = _COLOURS[rng.choice(sorted(_COLOURS))]
+            colour = rng.choice(_COLOURS)
             if shape == "circle":
                 draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
             elif shape == "square":
@@ -374,8 +372,7 @@ def write_examples(rows: list[dict], path: str | Path) -> Path:
     if path.suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"write_examples: expected a .jsonl or .parquet path, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: os.replace is atomic
     try:
         if path.suffix == ".parquet":
             table = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "image"}

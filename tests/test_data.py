@@ -325,6 +325,8 @@ def test_written_examples_load_back(tmp_path, suffix):
     rows = make_geometry(5, seed=0)
     path = write_examples(rows, tmp_path / "deep" / f"geo{suffix}")
     assert path.exists() and [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
+    (tmp_path / "plain").write_text("")
+    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode  # usual permissions
     result = load_examples(path, warn=pytest.fail)
     assert [ex.image.tobytes() for ex in result.examples] == [r["image"].tobytes() for r in rows]
     assert [ex.row["answer"] for ex in result.examples] == [r["answer"] for r in rows]
