@@ -1,5 +1,13 @@
-"""mr1fast command line. `mr1fast demo` trains a toy policy with the fused GRPO-D loss (the
-main job until the VLM trainer lands); `mr1fast bench` runs the benchmark suite."""
+"""mr1fast command line.
+
+  mr1fast train [--config FILE.yaml] [--output-dir DIR] [section.key=value ...]   GRPO / GRPO-D
+  mr1fast sft   [--config FILE.yaml] [--output-dir DIR] [section.key=value ...]   SFT baseline
+  mr1fast eval  [--config FILE.yaml] [--output-dir DIR] [section.key=value ...]   cross-task matrix
+  mr1fast init-model --preset tiny OUT                                            tiny Qwen2-VL
+  mr1fast demo | bench                                     toy loss demo | benchmark suite
+
+Without --config, train/sft/eval run the embedded default: the tiny local model on synthetic
+counting data (mr1fast.config.embedded_default)."""
 from __future__ import annotations
 
 import argparse
@@ -56,9 +64,44 @@ def bench(args: list[str]) -> int:
                             "--benchmark-only", *args], cwd=root)
 
 
+def run_command(cmd: str, config: str | None, output_dir: str | None,
+                overrides: list[str]) -> int:
+    from .config import embedded_default, load_config
+
+    try:
+        cfg = load_config(config, overrides, base=None if config else embedded_default())
+        if output_dir is not None:
+            cfg.output_dir = output_dir
+    except ValueError as e:
+        print(f"mr1fast {cmd}: {e}", file=sys.stderr)
+        return 2
+    if cmd == "train":
+        from .train import train_grpo
+        train_grpo(cfg)
+    elif cmd == "sft":
+        from .sft import run_sft
+        run_sft(cfg)
+    else:
+        from .evaluate import run_eval
+        run_eval(cfg)
+    print(f"run directory: {cfg.output_dir}")
+    return 0
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="mr1fast", description=__doc__)
+    p = argparse.ArgumentParser(prog="mr1fast", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
+    for name, text in (("train", "GRPO / GRPO-D training"), ("sft", "the SFT baseline"),
+                       ("eval", "greedy accuracy per task; the cross-task matrix")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("--config", help="recipe YAML (configs/); default: the embedded default")
+        c.add_argument("--output-dir", help="run directory (overrides output_dir)")
+        c.add_argument("overrides", nargs="*", metavar="section.key=value")
+    m = sub.add_parser("init-model", help="write a tiny random-weight Qwen2-VL checkpoint")
+    m.add_argument("out")
+    m.add_argument("--preset", default="tiny")
+    m.add_argument("--seed", type=int, default=0)
     d = sub.add_parser("demo", help="train a toy policy with the fused GRPO-D loss")
     d.add_argument("--steps", type=int, default=30)
     d.add_argument("--impl", default="auto", choices=["auto", "triton", "torch", "naive"])
@@ -66,6 +109,12 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="run the benchmark suite (pytest-benchmark)")
     b.add_argument("pytest_args", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
+    if args.cmd in ("train", "sft", "eval"):
+        return run_command(args.cmd, args.config, args.output_dir, args.overrides)
+    if args.cmd == "init-model":
+        from .model import init_tiny_model
+        print(init_tiny_model(args.out, preset=args.preset, seed=args.seed))
+        return 0
     if args.cmd == "demo":
         return demo(args.steps, args.impl, args.seed)
     return bench(args.pytest_args)

@@ -1,0 +1,279 @@
+"""The trainer's configuration: one typed dataclass (with sections), loaded from YAML and
+`section.key=value` overrides. Unknown keys and wrong types are rejected with a message that
+names the key, the expected type and the value.
+
+Defaults follow the paper and R1-V (../shared/PAPER.md). `embedded_default()` is what
+`mr1fast train` runs with no --config: the tiny local model on synthetic counting data, sized to
+finish on a 2-core CPU in minutes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    name: str = "Qwen/Qwen2-VL-2B-Instruct"  # hub id, local path, or "tiny" (built and cached)
+    dtype: str = "auto"                      # auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32
+    device: str = "auto"
+    gradient_checkpointing: bool = True
+    freeze_vision: bool = False
+    impl: str = "auto"                       # grpo_loss / token_logprobs impl
+
+
+@dataclass
+class DataConfig:
+    train: str = "leonardPKU/clevr_cogen_a_train"  # JSONL, parquet, dataset folder, hub id,
+    split: str = "train"                           # or synthetic:counting / synthetic:geometry
+    limit: int = 0                                 # 0: all rows (the paper's 2B VC run: 100)
+    synthetic_size: int = 256                      # rows generated for synthetic:* train sets
+    max_prompt_length: int = 512
+    strict: bool = False                           # a bad row is an error instead of skipped
+
+
+@dataclass
+class GRPOConfig:
+    num_generations: int = 8          # G completions per prompt
+    prompts_per_step: int = 16        # global batch: prompts_per_step * G completions per step
+    micro_batch_size: int = 0         # completions per forward/backward; 0: the largest that fits
+    updates_per_batch: int = 1        # mu; > 1 stores old log-probs and the ratio can clip
+    epochs: float = 2.0
+    max_steps: int = 0                # > 0 overrides epochs
+    max_completion_length: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    lr: float = 1e-6
+    lr_schedule: str = "constant"     # constant, linear, cosine
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    beta_schedule: str = "grpo_d"     # grpo_d, constant, linear, cosine
+    beta_min: float = 0.04            # grpo_d: beta_mid -> beta_min -> beta_max
+    beta_max: float = 0.1             # constant: beta_max is the constant beta
+    explore_ratio: float = 0.3
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    loss_type: str = "grpo"           # grpo, bnpo, dr_grpo, dapo
+    rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})
+    reward_timeout_s: float = 10.0
+    sft_warmup_steps: int = 0         # a short SFT before GRPO (the embedded default's format warm-up)
+    max_bad_steps: int = 5            # consecutive NaN/inf steps that stop the run
+
+
+@dataclass
+class SFTConfig:
+    lr: float = 2e-5
+    lr_schedule: str = "cosine"
+    warmup_ratio: float = 0.1
+    epochs: float = 1.0
+    max_steps: int = 0
+    batch_size: int = 16              # sequences per optimizer step
+    micro_batch_size: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    thinking: str = "Let me look at the image."  # <think> text when a row has no "thinking"
+
+
+@dataclass
+class EvalConfig:
+    tasks: dict = field(default_factory=lambda: {"counting": "leonardPKU/superclevr",
+                                                 "geometry": "leonardPKU/GEOQA_R1V_Train_8K"})
+    split: str = "test"
+    limit: int = 200
+    synthetic_size: int = 64
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    models: dict = field(default_factory=dict)  # label -> checkpoint; empty: model.name
+
+
+@dataclass
+class LogConfig:
+    save_every: int = 50              # optimizer steps between checkpoints (and at the end)
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    tensorboard: bool = False
+    wandb: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    seed: int = 42
+    output_dir: str = "runs/latest"
+    cache_dir: str = "~/.cache/mr1fast"   # the tiny model and synthetic data
+
+
+CHOICES = {
+    "model.dtype": ("auto", "bf16", "fp16", "fp32"),
+    "model.impl": ("auto", "triton", "torch", "naive"),
+    "grpo.lr_schedule": ("constant", "linear", "cosine"),
+    "sft.lr_schedule": ("constant", "linear", "cosine"),
+    "grpo.beta_schedule": ("grpo_d", "constant", "linear", "cosine"),
+    "grpo.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
+}
+POSITIVE = ("grpo.num_generations", "grpo.prompts_per_step", "grpo.updates_per_batch",
+            "grpo.max_completion_length", "sft.batch_size", "eval.max_new_tokens",
+            "eval.batch_size", "data.max_prompt_length", "log.save_every", "log.keep_checkpoints",
+            "grpo.max_bad_steps", "grpo.temperature")
+NON_NEGATIVE = ("grpo.lr", "sft.lr", "grpo.beta_min", "grpo.beta_max", "grpo.epochs",
+                "sft.epochs", "grpo.max_steps", "sft.max_steps", "grpo.micro_batch_size",
+                "sft.micro_batch_size", "data.limit", "eval.limit", "grpo.sft_warmup_steps",
+                "grpo.weight_decay", "sft.weight_decay", "grpo.max_grad_norm",
+                "sft.max_grad_norm", "grpo.reward_timeout_s", "log.eval_every")
+
+
+def embedded_default() -> Config:
+    """`mr1fast train` with no --config: tiny model, synthetic counting, SFT format warm-up,
+    then GRPO-D; a few minutes on a 2-core CPU."""
+    return from_dict({
+        "model": {"name": "tiny", "gradient_checkpointing": False, "freeze_vision": True},
+        "data": {"train": "synthetic:counting", "synthetic_size": 256, "max_prompt_length": 128},
+        "grpo": {"num_generations": 8, "prompts_per_step": 4, "max_steps": 40,
+                 "max_completion_length": 32, "lr": 3e-3, "sft_warmup_steps": 30,
+                 "reward_timeout_s": 20.0},
+        "sft": {"lr": 3e-3, "batch_size": 16, "lr_schedule": "constant", "warmup_ratio": 0.0},
+        "eval": {"tasks": {"counting": "synthetic:counting"}, "limit": 64, "synthetic_size": 64,
+                 "max_new_tokens": 32, "batch_size": 32},
+        "log": {"save_every": 20},
+        "output_dir": "runs/tiny-counting-grpo-d",
+    })
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, tp, value):
+    """Check (and gently convert: int -> float, str from the command line) one value."""
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and isinstance(value, bool) or tp is int and type(value) is int:
+        return value
+    if tp in (float, str, dict) and isinstance(value, tp):
+        return value
+    raise ValueError(f"config key {key}: expected {_type_name(tp)}, got {value!r} "
+                     f"({type(value).__name__})")
+
+
+def from_dict(data: dict, base: Optional[Config] = None, where: str = "config") -> Config:
+    """A Config from nested dicts over `base` (default: the paper defaults)."""
+    cfg = base if base is not None else Config()
+    _merge(cfg, data or {}, "", where)
+    validate(cfg)
+    return cfg
+
+
+def _merge(obj, data: dict, prefix: str, where: str) -> None:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: section {prefix.rstrip('.') or '(top)'} must be a mapping, "
+                         f"got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    for key, value in data.items():
+        if key not in fields:
+            raise ValueError(f"{where}: unknown key {prefix}{key}; known keys: "
+                             f"{', '.join(prefix + k for k in fields)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, f"{prefix}{key}.", where)
+        else:
+            setattr(obj, key, _coerce(prefix + key, hints[key], value))
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        if get(cfg, key) not in allowed:
+            raise ValueError(f"config key {key}: expected one of {allowed}, got {get(cfg, key)!r}")
+    for key in POSITIVE:
+        if not get(cfg, key) > 0:
+            raise ValueError(f"config key {key}: expected > 0, got {get(cfg, key)!r}")
+    for key in NON_NEGATIVE:
+        if not get(cfg, key) >= 0:
+            raise ValueError(f"config key {key}: expected >= 0, got {get(cfg, key)!r}")
+    if cfg.grpo.num_generations < 2:
+        raise ValueError("config key grpo.num_generations: GRPO needs a group of >= 2 "
+                         f"completions, got {cfg.grpo.num_generations}")
+    for name, weight in cfg.grpo.rewards.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ValueError(f"config key grpo.rewards.{name}: expected a number (the weight), "
+                             f"got {weight!r}")
+    for section in ("tasks", "models"):
+        for k, v in getattr(cfg.eval, section).items():
+            if not isinstance(v, str):
+                raise ValueError(f"config key eval.{section}.{k}: expected str, got {v!r}")
+
+
+def get(cfg: Config, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def parse_override(text: str) -> dict:
+    """'grpo.lr=1e-5' -> {'grpo': {'lr': 1e-05}}; the value is parsed as YAML, so numbers,
+    booleans and {a: 1} mappings work. Keys inside a mapping field (grpo.rewards.format=0.5)
+    set one entry."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r}: expected key=value (e.g. grpo.lr=1e-5)")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    parts = key.strip().split(".")
+    out: dict = {}
+    node = out
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _merge_mapping_entries(cfg: Config, override: dict) -> dict:
+    """Overrides of one entry of a mapping field (grpo.rewards.format=0.5) add to the mapping
+    instead of replacing it."""
+    for section, fields in override.items():
+        sub = getattr(cfg, section, None)
+        if not dataclasses.is_dataclass(sub) or not isinstance(fields, dict):
+            continue
+        for name, value in fields.items():
+            current = getattr(sub, name, None)
+            if isinstance(current, dict) and isinstance(value, dict):
+                fields[name] = {**current, **value}
+    return override
+
+
+def load_config(path: Optional[str] = None, overrides: typing.Sequence[str] = (),
+                base: Optional[Config] = None) -> Config:
+    """YAML file (over the paper defaults) or `base`, then key=value overrides."""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"--config {path}: no such file")
+        data = yaml.safe_load(p.read_text()) or {}
+        cfg = from_dict(data, where=str(p))
+    else:
+        cfg = base if base is not None else Config()
+    for text in overrides:
+        cfg = from_dict(_merge_mapping_entries(cfg, parse_override(text)), base=cfg,
+                        where=f"override {text!r}")
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,94 @@
+"""Evaluation: greedy decoding and accuracy per task, as in the paper (counting: the integer in
+<answer>; geometry: math-verify equivalence), and the cross-task matrix (rows: models, e.g.
+trained on A; columns: tasks B) as a markdown table and JSON."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import Config, save_config
+from .data import Example, question
+from .model import PromptEncoder, default_device, load_model, model_dtype
+from .rewards import RewardRunner
+from .runtime import load_task, log, resolve_model
+from .sampler import HFSampler, SamplingParams
+
+
+@torch.no_grad()
+def evaluate(model, encoder: PromptEncoder, examples: list[Example], *, max_new_tokens: int,
+             batch_size: int, timeout_s: float = 10.0) -> dict:
+    """{"accuracy", "format", "n"} over `examples` with greedy decoding; accuracy in %."""
+    sampler = HFSampler(model, encoder.stop_ids, encoder.tokenizer.pad_token_id,
+                        encoder.multimodal_ids)
+    params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
+    device = next(model.parameters()).device
+    acc = fmt = 0.0
+    with RewardRunner({"accuracy": 1.0, "format": 1.0}, timeout_s=timeout_s, log=log) as score:
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i: i + batch_size]
+            prompts = encoder.encode([e.image for e in batch],
+                                     [question(e.problem) for e in batch], device)
+            out = sampler.generate(prompts, 1, params)
+            texts = encoder.decode(out.completion_ids, out.completion_mask)
+            result = score(texts, [{"solution": e.solution, "problem": e.problem, **e.row}
+                                   for e in batch])
+            acc += sum(v or 0.0 for v in result.values["accuracy"])
+            fmt += sum(v or 0.0 for v in result.values["format"])
+    n = len(examples)
+    return {"accuracy": 100.0 * acc / n, "format": 100.0 * fmt / n, "n": n}
+
+
+def evaluate_tasks(cfg: Config, model, encoder: PromptEncoder) -> dict:
+    """evaluate() on every task of cfg.eval.tasks (held-out split): {task: result}."""
+    e = cfg.eval
+    out = {}
+    for task, source in e.tasks.items():
+        examples = load_task(source, cfg, encoder, split=e.split, n=e.synthetic_size,
+                             limit=e.limit, max_prompt_length=cfg.data.max_prompt_length,
+                             strict=cfg.data.strict)
+        out[task] = evaluate(model, encoder, examples, max_new_tokens=e.max_new_tokens,
+                             batch_size=e.batch_size, timeout_s=cfg.grpo.reward_timeout_s)
+    return out
+
+
+def print_results(title: str, results: dict) -> None:
+    cells = ", ".join(f"{task} {r['accuracy']:.1f}% (format {r['format']:.0f}%, n={r['n']})"
+                      for task, r in results.items())
+    print(f"eval {title}: {cells}", flush=True)
+
+
+def markdown_matrix(matrix: dict) -> str:
+    """| model | task A | task B | ... with accuracy in %."""
+    tasks = list(next(iter(matrix.values())))
+    lines = ["| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for label, row in matrix.items():
+        lines.append(f"| {label} | " + " | ".join(f"{row[t]['accuracy']:.2f}" for t in tasks)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_eval(cfg: Config) -> dict:
+    """`mr1fast eval`: every model of eval.models (label -> checkpoint; default model.name) on
+    every task of eval.tasks; writes eval.json and eval.md to output_dir."""
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    device = default_device(cfg.model.device)
+    models = cfg.eval.models or {cfg.model.name: cfg.model.name}
+    matrix = {}
+    for label, name in models.items():
+        path = resolve_model(name, cfg)
+        encoder = PromptEncoder(path)
+        model = load_model(path, device=device, dtype=model_dtype(cfg.model.dtype, device),
+                           trainable=False)
+        matrix[label] = evaluate_tasks(cfg, model, encoder)
+        print_results(label, matrix[label])
+        del model
+    (out_dir / "eval.json").write_text(json.dumps(matrix, indent=2))
+    table = markdown_matrix(matrix)
+    (out_dir / "eval.md").write_text(table)
+    print(table)
+    return matrix

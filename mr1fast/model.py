@@ -1,0 +1,313 @@
+"""Policy and reference models: loading Qwen2-VL / Qwen2.5-VL checkpoints, building the tiny
+local model, encoding prompts, and the forward pass that stops at the LM head's input.
+
+The trainer never runs the LM head through transformers: `completion_hidden` returns the final
+hidden states of the completion positions only, and the loss (`grpo_loss` / `token_logprobs`)
+takes them with `lm_head_weight(model)`, so no [B, T, V] logits exist. Images are encoded once
+per prompt (`encode_images`) and the features are indexed for each of its G completions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+# Qwen2-VL's special tokens, in id order for the tiny model's tokenizer (ids 0..6).
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+# Qwen2-VL's chat layout without its default system prompt (the tiny model has no use for it).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif part['type'] == 'text' %}"
+    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+# Text that teaches the tiny tokenizer the words it will meet (prompts, tags, numbers).
+_TOKENIZER_CORPUS = [
+    "How many objects are there? How many circles squares triangles are there?",
+    "As shown in the figure, find the angle x in degrees.",
+    "Output the thinking process in <think> </think> and final answer (number) in <answer> "
+    "</answer> tags.",
+    "<think> I count the objects one by one. </think> <answer> 3 </answer>",
+    "<think> Let me look at the image. </think> <answer> 4 </answer>",
+    "<think> The angles of a triangle sum to 180 degrees, so x = 180 - 50 - 60. </think> "
+    "<answer>70°</answer>",
+    " ".join(str(i) for i in range(0, 200)),
+    "user assistant system red green blue yellow purple cyan grey the a of is are and so",
+]
+
+PRESETS = {
+    # ~0.6 M parameters: 2 decoder layers (head_dim 32, the smallest vLLM's CPU attention
+    # takes), a 1-block vision tower; a 112x112 image becomes 16 image tokens.
+    "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, vision_depth=1,
+                 vision_embed_dim=64, vision_heads=2, min_pixels=56 * 56,
+                 max_pixels=112 * 112),
+}
+
+
+def init_tiny_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
+    """Write a random-weight Qwen2-VL, a locally trained byte-level BPE tokenizer and an image
+    processor to `out_dir`, in the Hugging Face layout that transformers and vLLM load offline.
+    Atomic: built in a temporary folder, then renamed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r}: expected one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    out_dir = Path(out_dir)
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(_TOKENIZER_CORPUS * 4, trainers.BpeTrainer(
+        vocab_size=p["vocab_size"], special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+    head_dim = p["hidden_size"] // p["num_attention_heads"]
+    quarter = head_dim // 2 // 4  # mrope_section (t, h, w) must sum to head_dim / 2
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tok), hidden_size=p["hidden_size"],
+            intermediate_size=p["intermediate_size"], num_hidden_layers=p["num_hidden_layers"],
+            num_attention_heads=p["num_attention_heads"],
+            num_key_value_heads=p["num_key_value_heads"], max_position_embeddings=4096,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                 mrope_section=[quarter, quarter * 3 // 2,
+                                                head_dim // 2 - quarter - quarter * 3 // 2]),
+            tie_word_embeddings=True, bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=p["vision_depth"], embed_dim=p["vision_embed_dim"],
+                           hidden_size=p["hidden_size"], num_heads=p["vision_heads"],
+                           mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, in_channels=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=p["min_pixels"],
+                                               max_pixels=p["max_pixels"])
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        _save_image_processor(image_processor, tmp)
+        (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _save_image_processor(image_processor, out_dir: Path) -> None:
+    """Saved under the backend-neutral class name, so either backend (PIL here, torchvision
+    where it is installed, vLLM) loads it."""
+    image_processor.save_pretrained(out_dir)
+    pp = Path(out_dir) / "preprocessor_config.json"
+    cfg = json.loads(pp.read_text())
+    cfg["image_processor_type"] = cfg["image_processor_type"].removesuffix("Pil")
+    pp.write_text(json.dumps(cfg, indent=2))
+
+
+def attention_implementation(device: torch.device) -> str:
+    """flash_attention_2 where flash-attn and CUDA are present, SDPA otherwise."""
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype,
+               gradient_checkpointing: bool = False, freeze_vision: bool = False,
+               trainable: bool = True):
+    """A Qwen2-VL / Qwen2.5-VL checkpoint by hub id or local path, on `device` in `dtype`.
+    `trainable=False` gives a frozen eval-mode copy (the reference model)."""
+    from transformers import AutoModelForImageTextToText
+
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            name_or_path, dtype=dtype, attn_implementation=attention_implementation(device))
+    except OSError as e:
+        raise ValueError(f"model={name_or_path!r}: not a local checkpoint folder and not "
+                         f"reachable on the hub ({e})") from e
+    model.to(device)
+    if not trainable:
+        model.eval().requires_grad_(False)
+        return model
+    model.train()
+    if freeze_vision:
+        vision_tower(model).requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def vision_tower(model) -> torch.nn.Module:
+    return model.model.visual
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    """The LM head's [V, d] weight (the input embedding when tied, as in Qwen2-VL-2B)."""
+    return model.get_output_embeddings().weight
+
+
+class PromptEncoder:
+    """Chat template + image processor + tokenizer for Qwen2-VL prompts, without the
+    processor class (which needs torchvision for videos): expands each image placeholder to
+    its number of image tokens, as Qwen2VLProcessor does."""
+
+    def __init__(self, name_or_path: str):
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        self.image_processor = AutoImageProcessor.from_pretrained(name_or_path)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = "<|endoftext|>"
+        self.image_token = "<|image_pad|>"
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.merge = self.image_processor.merge_size ** 2
+        self.stop_ids = sorted({self.tokenizer.convert_tokens_to_ids(t)
+                                for t in ("<|im_end|>", "<|endoftext|>")})
+        # Tokens a completion must never contain: the sampler suppresses them.
+        self.multimodal_ids = sorted(
+            {self.tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS[3:]}
+            - {self.tokenizer.unk_token_id, None})
+
+    def chat_text(self, question: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": question}]}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def prompt_length(self, image, question: str) -> int:
+        """Tokens of one prompt, image tokens included (for the data loader's limit)."""
+        grid = self.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
+        text = self.chat_text(question)
+        return len(self.tokenizer(text)["input_ids"]) - 1 + int(grid.prod()) // self.merge
+
+    def encode(self, images: Sequence, questions: Sequence[str],
+               device: torch.device) -> "PromptBatch":
+        vis = self.image_processor(images=list(images), return_tensors="pt")
+        grid = vis["image_grid_thw"]
+        texts = []
+        for q, g in zip(questions, grid):
+            texts.append(self.chat_text(q).replace(
+                self.image_token, self.image_token * (int(g.prod()) // self.merge), 1))
+        tok = self.tokenizer(texts, return_tensors="pt", padding=True)
+        return PromptBatch(input_ids=tok["input_ids"].to(device),
+                           attention_mask=tok["attention_mask"].to(device),
+                           pixel_values=vis["pixel_values"].to(device),
+                           image_grid_thw=grid.to(device), image_token_id=self.image_token_id,
+                           pad_token_id=self.tokenizer.pad_token_id)
+
+    def save(self, out_dir: str | Path) -> None:
+        """Tokenizer, chat template and image processor, next to a saved model."""
+        self.tokenizer.save_pretrained(out_dir)
+        _save_image_processor(self.image_processor, Path(out_dir))
+
+    def decode(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        return [self.tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
+                for row, m in zip(ids.cpu(), mask.cpu())]
+
+
+@dataclass
+class PromptBatch:
+    """P left-padded prompts with one image each. input_ids/attention_mask [P, Lp];
+    pixel_values [patches, C*t*14*14]; image_grid_thw [P, 3]."""
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    image_token_id: int
+    pad_token_id: int
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: torch.Tensor) -> "PromptBatch":
+        """The prompts at `index` (with their image patches), in that order."""
+        sizes = self.image_grid_thw.prod(-1)
+        starts = torch.cumsum(sizes, 0) - sizes
+        patches = torch.cat([torch.arange(int(starts[i]), int(starts[i] + sizes[i]))
+                             for i in index.tolist()]).to(self.pixel_values.device)
+        return PromptBatch(self.input_ids[index], self.attention_mask[index],
+                           self.pixel_values[patches], self.image_grid_thw[index],
+                           self.image_token_id, self.pad_token_id)
+
+
+def encode_images(model, prompts: PromptBatch) -> tuple[torch.Tensor, ...]:
+    """The vision tower's output per prompt: a tuple of P tensors [image_tokens_p, d]."""
+    out = model.model.get_image_features(prompts.pixel_values, prompts.image_grid_thw,
+                                         return_dict=True)
+    return tuple(out.pooler_output)
+
+
+def completion_hidden(model, prompts: PromptBatch, image_features: Sequence[torch.Tensor],
+                      prompt_index: torch.Tensor, completion_ids: torch.Tensor,
+                      completion_mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states that predict each completion token: [B, C, d].
+
+    prompt_index [B] int64 says which prompt each completion continues; completion_ids and
+    completion_mask are [B, C] (right-padded). `image_features` comes from `encode_images` and
+    is indexed, not recomputed, for each completion."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    idx = prompt_index.tolist()
+    prompt_ids = prompts.input_ids[prompt_index]
+    # An image token inside a completion (the samplers suppress them) must not be taken for
+    # an image placeholder.
+    completion_in = completion_ids.masked_fill(completion_ids == prompts.image_token_id,
+                                               prompts.pad_token_id)
+    ids = torch.cat([prompt_ids, completion_in], 1)
+    attn = torch.cat([prompts.attention_mask[prompt_index], completion_mask.long()], 1)
+    feats = BaseModelOutputWithPooling(pooler_output=tuple(image_features[i] for i in idx))
+    out = model.model(input_ids=ids, attention_mask=attn,
+                      image_grid_thw=prompts.image_grid_thw[prompt_index],
+                      mm_token_type_ids=(ids == prompts.image_token_id).int(),
+                      mm_encoder_outputs={"image": feats}, use_cache=False)
+    lp, c = prompts.input_ids.shape[1], completion_ids.shape[1]
+    return out.last_hidden_state[:, lp - 1: lp - 1 + c]
+
+
+def model_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on GPU and fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+             "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+    if name not in table:
+        raise ValueError(f"dtype={name!r}: expected auto, bf16, fp16 or fp32")
+    return table[name]
+
+
+def default_device(name: Optional[str] = None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -1,0 +1,108 @@
+"""Rollout samplers. The interface the trainer uses:
+
+    generate(prompts: PromptBatch, n: int, params: SamplingParams) -> Rollout
+    update_weights(named_tensors: Iterable[tuple[str, Tensor]]) -> None
+
+`HFSampler` implements it with transformers' generate; a vLLM sampler plugs in behind the same
+two calls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Protocol, Sequence
+
+import torch
+
+from .model import PromptBatch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0           # 0: off (transformers' own default of 50 would bias the log-probs)
+    greedy: bool = False
+    ignore_eos: bool = False  # fixed-length generation (benchmarks)
+
+
+@dataclass
+class Rollout:
+    """n completions per prompt, prompt-major (prompt p's completions are rows p*n .. p*n+n-1).
+    completion_ids [B, C] int64 (padding after the stop token), completion_mask [B, C] float
+    (1 up to and including the stop token), logprobs [B, C] fp32: the sampler's log-probs of
+    the sampled tokens under its processed distribution (0 where masked), prompt_index [B]."""
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    logprobs: torch.Tensor
+    prompt_index: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.completion_mask.sum().item())
+
+
+class Sampler(Protocol):
+    def generate(self, prompts: PromptBatch, n: int, params: SamplingParams) -> Rollout: ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+
+
+def completion_mask(ids: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
+    """1 up to and including the first stop token of each row, 0 after it."""
+    stop = torch.isin(ids, torch.tensor(list(stop_ids), device=ids.device))
+    after = (torch.cumsum(stop.int(), 1) - stop.int()) > 0
+    return (~after).float()
+
+
+class HFSampler:
+    """transformers' generate on `model` (colocated: by default the policy itself, so
+    update_weights has nothing to copy; given a separate model it copies the tensors in)."""
+
+    def __init__(self, model, stop_ids: Sequence[int], pad_id: int,
+                 suppress_ids: Sequence[int] = ()):
+        self.model = model
+        self.stop_ids = list(stop_ids)
+        self.pad_id = pad_id
+        self.suppress_ids = list(suppress_ids)
+
+    @torch.no_grad()
+    def generate(self, prompts: PromptBatch, n: int, params: SamplingParams) -> Rollout:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            kwargs = dict(do_sample=False) if params.greedy else dict(
+                do_sample=True, temperature=params.temperature, top_p=params.top_p,
+                top_k=params.top_k)
+            stop = dict(eos_token_id=None, min_new_tokens=params.max_new_tokens) \
+                if params.ignore_eos else dict(eos_token_id=self.stop_ids)
+            out = self.model.generate(
+                input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
+                pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
+                mm_token_type_ids=(prompts.input_ids == prompts.image_token_id).int(),
+                max_new_tokens=params.max_new_tokens, num_return_sequences=n,
+                pad_token_id=self.pad_id, suppress_tokens=self.suppress_ids or None,
+                output_scores=True, return_dict_in_generate=True,
+                use_cache=True, **kwargs, **stop)
+        finally:
+            self.model.train(was_training)
+        ids = out.sequences[:, prompts.input_ids.shape[1]:]
+        mask = torch.ones_like(ids, dtype=torch.float32) if params.ignore_eos \
+            else completion_mask(ids, self.stop_ids)
+        # scores are the processed logits (temperature, top-k/top-p applied): the distribution
+        # the tokens were drawn from.
+        logp = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
+        logp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        logp = torch.where(mask > 0, logp, torch.zeros_like(logp))
+        index = torch.arange(len(prompts), device=ids.device).repeat_interleave(n)
+        return Rollout(ids.masked_fill(mask == 0, self.pad_id), mask, logp, index)
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.model.named_parameters())
+        for name, tensor in named_tensors:
+            if name not in params:
+                raise KeyError(f"update_weights: the sampler's model has no parameter {name!r}")
+            dst = params[name]
+            if dst.data_ptr() != tensor.data_ptr():
+                dst.copy_(tensor)
