@@ -68,18 +68,14 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Load weights into `model`, state into `optimizer`; restore the RNGs; return the state."""
-    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
 
     path = Path(path)
-    weights = {}
-    for f in sorted(path.glob("*.safetensors")):
-        weights.update(load_file(f, device=str(next(model.parameters()).device)))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")} \
-        if model.config.get_text_config().tie_word_embeddings else set()
-    if unexpected or set(missing) - tied:
-        raise ValueError(f"checkpoint {path}: weights do not match the model (missing "
-                         f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    # transformers maps its on-disk names (which differ from the module names for Qwen2-VL)
+    # back to the model's own; the copy is loaded on the CPU, then copied in place.
+    saved = AutoModelForImageTextToText.from_pretrained(path, dtype=model.dtype)
+    model.load_state_dict(saved.state_dict())
+    del saved
     state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
     if optimizer is not None and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])

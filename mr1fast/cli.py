@@ -66,7 +66,11 @@ def bench(args: list[str]) -> int:
 
 def run_command(cmd: str, config: str | None, output_dir: str | None,
                 overrides: list[str]) -> int:
+    from transformers.utils import logging as hf_logging
+
     from .config import embedded_default, load_config
+
+    hf_logging.disable_progress_bar()
 
     try:
         cfg = load_config(config, overrides, base=None if config else embedded_default())

@@ -141,8 +141,8 @@ def embedded_default() -> Config:
     return from_dict({
         "model": {"name": "tiny", "gradient_checkpointing": False, "freeze_vision": True},
         "data": {"train": "synthetic:counting", "synthetic_size": 256, "max_prompt_length": 128},
-        "grpo": {"num_generations": 8, "prompts_per_step": 4, "max_steps": 40,
-                 "max_completion_length": 32, "lr": 3e-3, "sft_warmup_steps": 30,
+        "grpo": {"num_generations": 8, "prompts_per_step": 4, "max_steps": 200,
+                 "max_completion_length": 32, "lr": 2e-3, "sft_warmup_steps": 50,
                  "reward_timeout_s": 20.0},
         "sft": {"lr": 3e-3, "batch_size": 16, "lr_schedule": "constant", "warmup_ratio": 0.0},
         "eval": {"tasks": {"counting": "synthetic:counting"}, "limit": 64, "synthetic_size": 64,

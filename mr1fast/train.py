@@ -224,12 +224,12 @@ def train_grpo(cfg: Config, *, on_step: Optional[Callable[[int, dict], None]] = 
                                     device)
             logger.log(step + 1, metrics)
             progress.update(metrics)
-            if on_step is not None:
-                on_step(step + 1, metrics)
             if (step + 1) % cfg.log.save_every == 0 or step + 1 == total:
                 save_checkpoint(run_dir, step + 1, policy, encoder, optimizer,
                                 {"step": step + 1, "data": order.state(),
                                  "results": json.dumps(results)}, keep=cfg.log.keep_checkpoints)
+            if on_step is not None:
+                on_step(step + 1, metrics)
             if cfg.log.eval_every and (step + 1) % cfg.log.eval_every == 0 and step + 1 < total:
                 results[f"step_{step + 1}"] = evaluate_tasks(cfg, policy, encoder)
     finally:

@@ -1,0 +1,154 @@
+"""End-to-end trainer runs on the tiny model: GRPO-D learns, resume reproduces, NaN steps are
+skipped, checkpoints are atomic, SFT and the eval matrix work."""
+import json
+
+import pytest
+import torch
+
+import mr1fast.train as train_module
+from mr1fast.checkpoint import STATE_FILE, latest_checkpoint
+from mr1fast.config import embedded_default, from_dict
+from mr1fast.evaluate import run_eval
+from mr1fast.metrics import read_metrics
+from mr1fast.sft import run_sft
+from mr1fast.train import train_grpo
+
+
+def tiny_config(run_dir, cache_dir, **sections):
+    """The embedded default, shrunk for tests, with per-section overrides."""
+    base = {"seed": 0, "output_dir": str(run_dir), "cache_dir": str(cache_dir),
+            "data": {"synthetic_size": 64},
+            "grpo": {"max_steps": 4, "sft_warmup_steps": 0, "prompts_per_step": 2,
+                     "num_generations": 4, "max_completion_length": 12},
+            "eval": {"limit": 8, "synthetic_size": 8, "max_new_tokens": 32},
+            "log": {"progress": False, "save_every": 2}}
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return from_dict(base, base=embedded_default())
+
+
+def test_grpo_d_beats_the_lr0_control(tmp_path, cache_dir):
+    """Same seed, same SFT warm-up; only GRPO-D's learning rate differs. The reward of the
+    last steps must be higher with learning than without, so the warm-up alone cannot pass."""
+    def last_rewards(name, lr):
+        cfg = tiny_config(tmp_path / name, cache_dir,
+                          grpo={"max_steps": 60, "sft_warmup_steps": 50, "prompts_per_step": 4,
+                                "num_generations": 8, "max_completion_length": 32, "lr": lr})
+        out = train_grpo(cfg)
+        rows = read_metrics(tmp_path / name / "metrics.jsonl")
+        assert len(rows) == 60 and out["eval"]["after_sft"] is not None
+        return [r["reward_mean"] for r in rows[-20:]], out
+
+    trained, out = last_rewards("grpo_d", 2e-3)
+    control, _ = last_rewards("control", 0.0)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert mean(trained) > mean(control) + 0.2, (mean(trained), mean(control))
+    assert set(out["eval"]) == {"after_sft", "final"}
+
+
+def test_run_directory_holds_config_metrics_plot_eval(tmp_path, cache_dir):
+    cfg = tiny_config(tmp_path, cache_dir)
+    out = train_grpo(cfg)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    required = {"step", "reward_mean", "acc_reward", "format_reward", "beta", "kl", "loss",
+                "clip_frac", "entropy", "tokens_per_s", "step_seconds"}
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert required <= set(rows[0])
+    betas = [r["beta"] for r in rows]
+    assert betas[0] == pytest.approx(0.07) and min(betas) >= 0.04 - 1e-9  # counting GRPO-D
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "counting" in json.loads((tmp_path / "eval.json").read_text())["final"]
+    assert (tmp_path / "config.yaml").is_file()
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt.name == "step-000004" and out["steps"] == 4
+    state = torch.load(ckpt / STATE_FILE, weights_only=True)  # safe format
+    assert state["step"] == 4 and "optimizer" in state
+    assert (ckpt / "model.safetensors").is_file()
+
+
+def test_resume_reproduces_the_next_steps(tmp_path, cache_dir):
+    """Kill a run after step 3 (checkpoint at step 2): the resumed run's steps 3 and 4 equal
+    those of an uninterrupted run."""
+    full = tiny_config(tmp_path / "full", cache_dir, grpo={"updates_per_batch": 2})
+    train_grpo(full)
+    expected = read_metrics(tmp_path / "full" / "metrics.jsonl")
+
+    def kill_after_3(step, metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    cut = tiny_config(tmp_path / "cut", cache_dir, grpo={"updates_per_batch": 2})
+    with pytest.raises(KeyboardInterrupt):
+        train_grpo(cut, on_step=kill_after_3)
+    assert latest_checkpoint(tmp_path / "cut").name == "step-000002"
+    train_grpo(cut)
+    got = read_metrics(tmp_path / "cut" / "metrics.jsonl")
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for key in ("reward_mean", "loss", "kl", "beta", "clip_frac", "entropy", "grad_norm"):
+        for a, b in zip(expected[2:], got[2:]):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    # mu = 2: the second update of a batch sees a ratio != 1, so clipping can fire
+    assert any(r["clip_frac"] is not None for r in expected)
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, cache_dir, monkeypatch):
+    real = train_module.grpo_loss
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] in (2, 4, 5, 6) else loss), stats
+
+    monkeypatch.setattr(train_module, "grpo_loss", flaky)
+    cfg = tiny_config(tmp_path, cache_dir, grpo={"max_steps": 8, "max_bad_steps": 3})
+    with pytest.raises(RuntimeError, match="3 consecutive steps"):
+        train_grpo(cfg)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 2, 3][:len(rows)]
+    assert rows[1]["loss"] is None  # NaN written as null, never silently averaged
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, cache_dir, monkeypatch):
+    import mr1fast.checkpoint as ckpt_module
+
+    cfg = tiny_config(tmp_path, cache_dir)
+    real_save = ckpt_module.torch.save
+    calls = {"n": 0}
+
+    def dies_second_time(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt_module.torch, "save", dies_second_time)
+    with pytest.raises(OSError, match="disk full"):
+        train_grpo(cfg)
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["step-000002"]  # no half-written step-000004, no temp folder left
+    monkeypatch.setattr(ckpt_module.torch, "save", real_save)
+    train_grpo(cfg)  # resumes from step 2 and finishes
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_sft_lowers_the_nll_and_eval_gives_the_cross_task_matrix(tmp_path, cache_dir):
+    cfg = tiny_config(tmp_path / "sft", cache_dir, sft={"max_steps": 40, "batch_size": 16,
+                                                        "lr": 3e-3})
+    out = run_sft(cfg)
+    rows = read_metrics(tmp_path / "sft" / "metrics.jsonl")
+    assert len(rows) == 40 and rows[-1]["loss"] < rows[0]["loss"] * 0.3
+    assert out["eval"]["final"]["counting"]["n"] == 8
+
+    final = tmp_path / "sft" / "checkpoints" / "final"
+    ev = tiny_config(tmp_path / "eval", cache_dir,
+                     eval={"models": {"base": "tiny", "sft-counting": str(final)},
+                           "tasks": {"counting": "synthetic:counting",
+                                     "geometry": "synthetic:geometry"}})
+    matrix = run_eval(ev)
+    assert set(matrix) == {"base", "sft-counting"}
+    assert set(matrix["base"]) == {"counting", "geometry"}
+    table = (tmp_path / "eval" / "eval.md").read_text()
+    assert table.splitlines()[0] == "| model | counting | geometry |"
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text()) == matrix
+    assert matrix["sft-counting"]["counting"]["format"] > matrix["base"]["counting"]["format"]
