@@ -160,6 +160,11 @@ def _coerce(key: str, tp, value):
     """Check (and gently convert: int -> float, str from the command line) one value."""
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-5 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and isinstance(value, bool) or tp is int and type(value) is int:
         return value
     if tp in (float, str, dict) and isinstance(value, tp):
@@ -223,35 +228,25 @@ def get(cfg: Config, dotted: str):
     return obj
 
 
-def parse_override(text: str) -> dict:
+def parse_override(text: str, cfg: Optional[Config] = None) -> dict:
     """'grpo.lr=1e-5' -> {'grpo': {'lr': 1e-05}}; the value is parsed as YAML, so numbers,
-    booleans and {a: 1} mappings work. Keys inside a mapping field (grpo.rewards.format=0.5)
-    set one entry."""
+    booleans and {a: 1} mappings work. `section.mapping.key=value` (grpo.rewards.format=0.5)
+    sets one entry of a mapping field of `cfg`; `section.mapping={...}` replaces it."""
     if "=" not in text:
         raise ValueError(f"override {text!r}: expected key=value (e.g. grpo.lr=1e-5)")
     key, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else ""
     parts = key.strip().split(".")
+    if cfg is not None and len(parts) == 3:
+        current = getattr(getattr(cfg, parts[0], None), parts[1], None)
+        if isinstance(current, dict):
+            parts, value = parts[:2], {**current, parts[2]: value}
     out: dict = {}
     node = out
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
     return out
-
-
-def _merge_mapping_entries(cfg: Config, override: dict) -> dict:
-    """Overrides of one entry of a mapping field (grpo.rewards.format=0.5) add to the mapping
-    instead of replacing it."""
-    for section, fields in override.items():
-        sub = getattr(cfg, section, None)
-        if not dataclasses.is_dataclass(sub) or not isinstance(fields, dict):
-            continue
-        for name, value in fields.items():
-            current = getattr(sub, name, None)
-            if isinstance(current, dict) and isinstance(value, dict):
-                fields[name] = {**current, **value}
-    return override
 
 
 def load_config(path: Optional[str] = None, overrides: typing.Sequence[str] = (),
@@ -266,8 +261,7 @@ def load_config(path: Optional[str] = None, overrides: typing.Sequence[str] = ()
     else:
         cfg = base if base is not None else Config()
     for text in overrides:
-        cfg = from_dict(_merge_mapping_entries(cfg, parse_override(text)), base=cfg,
-                        where=f"override {text!r}")
+        cfg = from_dict(parse_override(text, cfg), base=cfg, where=f"override {text!r}")
     return cfg
 
 

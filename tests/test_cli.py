@@ -21,3 +21,30 @@ def test_demo_triton_matches_torch(capsys):
     assert "impl=triton" in triton_out
     for a, b in zip(_step0(torch_out), _step0(triton_out)):
         assert abs(a - b) <= 1e-3, (torch_out, triton_out)
+
+
+def test_train_rejects_a_bad_override_with_a_clear_message(capsys):
+    assert main(["train", "grpo.lrr=1e-5"]) == 2
+    assert "unknown key grpo.lrr" in capsys.readouterr().err
+    assert main(["sft", "--config", "missing.yaml"]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_init_model_writes_a_checkpoint(tmp_path, capsys):
+    assert main(["init-model", "--preset", "tiny", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert (tmp_path / "m" / "tokenizer.json").is_file()
+
+
+def test_train_cli_end_to_end(tmp_path, cache_dir, capsys):
+    """`mr1fast train` on the embedded default, shortened by overrides."""
+    run = tmp_path / "run"
+    code = main(["train", "--output-dir", str(run), f"cache_dir={cache_dir}", "seed=0",
+                 "grpo.max_steps=2", "grpo.sft_warmup_steps=2", "grpo.prompts_per_step=2",
+                 "grpo.num_generations=2", "data.synthetic_size=16", "eval.limit=4",
+                 "eval.synthetic_size=4", "log.progress=false"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "eval after SFT warm-up: counting" in out and "eval after GRPO-D: counting" in out
+    for name in ("config.yaml", "metrics.jsonl", "metrics.png", "eval.json"):
+        assert (run / name).is_file(), name

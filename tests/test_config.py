@@ -1,0 +1,95 @@
+"""Configuration: every shipped recipe loads and validates; overrides and bad input."""
+from pathlib import Path
+
+import pytest
+
+from mr1fast.config import (Config, embedded_default, from_dict, load_config, parse_override,
+                            to_dict)
+
+ROOT = Path(__file__).parent.parent
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_there_is_a_recipe_per_model_task_and_method():
+    names = {p.stem for p in CONFIGS}
+    for model in ("2b", "7b"):
+        for task in ("counting", "geometry"):
+            for method in ("grpo-d", "grpo", "sft"):
+                assert f"qwen2vl-{model}-{task}-{method}" in names
+    assert {"format-weight", "constant-beta"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_loads_and_is_headed_by_its_launch_command(path):
+    cfg = load_config(str(path))
+    assert cfg.output_dir
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and "mr1fast " in first
+    assert f"--config {path.relative_to(ROOT).as_posix()}" in first
+    if "-grpo-d" in path.stem or path.stem == "format-weight":
+        assert cfg.grpo.beta_schedule == "grpo_d"
+    if path.stem.endswith("-grpo") or path.stem == "constant-beta":
+        assert cfg.grpo.beta_schedule == "constant"
+
+
+def test_paper_settings_in_the_recipes():
+    vc = load_config(f"{ROOT}/configs/qwen2vl-2b-counting-grpo-d.yaml")
+    assert (vc.grpo.beta_min, vc.grpo.beta_max) == (0.04, 0.1) and vc.data.limit == 100
+    gr = load_config(f"{ROOT}/configs/qwen2vl-2b-geometry-grpo-d.yaml")
+    assert (gr.grpo.beta_min, gr.grpo.beta_max) == (0.0, 0.02)
+    assert load_config(f"{ROOT}/configs/qwen2vl-2b-counting-grpo.yaml").grpo.beta_max == 0.04
+    assert load_config(f"{ROOT}/configs/qwen2vl-7b-geometry-grpo.yaml").grpo.beta_max == 0.01
+    sft = load_config(f"{ROOT}/configs/qwen2vl-7b-counting-sft.yaml")
+    assert (sft.sft.lr, sft.sft.lr_schedule, sft.sft.warmup_ratio) == (2e-5, "cosine", 0.1)
+    assert vc.grpo.num_generations == 8 and vc.grpo.lr == 1e-6
+
+
+def test_the_tiny_recipe_is_the_embedded_default():
+    written = to_dict(load_config(f"{ROOT}/configs/tiny-counting-grpo-d.yaml"))
+    default = to_dict(embedded_default())
+    written.pop("cache_dir"), default.pop("cache_dir")
+    assert written == default
+
+
+def test_overrides_parse_yaml_values_and_set_one_mapping_entry():
+    cfg = load_config(None, ["grpo.lr=1e-5", "grpo.rewards.format=0.5", "model.freeze_vision=true",
+                             "eval.tasks={a: synthetic:counting}", "grpo.epochs=3"])
+    assert cfg.grpo.lr == 1e-5 and cfg.grpo.epochs == 3.0
+    assert cfg.grpo.rewards == {"accuracy": 1.0, "format": 0.5}
+    assert cfg.model.freeze_vision is True and cfg.eval.tasks == {"a": "synthetic:counting"}
+    assert parse_override("seed=7") == {"seed": 7}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("grpo.lrr=1e-5", "unknown key grpo.lrr"),
+    ("nope=1", "unknown key nope"),
+    ("grpo.lr=fast", "grpo.lr: expected float"),
+    ("grpo.num_generations=2.5", "grpo.num_generations: expected int"),
+    ("model.freeze_vision=3", "model.freeze_vision: expected bool"),
+    ("grpo.loss_type=ppo", "grpo.loss_type: expected one of"),
+    ("grpo.num_generations=1", "group of >= 2"),
+    ("grpo.lr=-1", "expected >= 0"),
+    ("grpo.rewards.format=high", "grpo.rewards.format: expected a number"),
+    ("grpo=3", "section grpo must be a mapping"),
+    ("grpo.lr", "expected key=value"),
+])
+def test_bad_overrides_are_rejected_with_the_key(override, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_a_yaml_file_with_an_unknown_key_names_the_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("grpo:\n  betaa: 0.1\n")
+    with pytest.raises(ValueError, match="bad.yaml: unknown key grpo.betaa"):
+        load_config(str(p))
+    with pytest.raises(ValueError, match="no such file"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_defaults_are_the_paper_and_r1v_settings():
+    cfg = Config()
+    assert cfg.grpo.num_generations == 8 and cfg.grpo.lr == 1e-6
+    assert cfg.grpo.eps_low == 0.2 and cfg.grpo.max_completion_length == 512
+    assert cfg.grpo.rewards == {"accuracy": 1.0, "format": 1.0}
+    assert from_dict({}).grpo.explore_ratio == 0.3
