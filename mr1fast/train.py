@@ -118,6 +118,28 @@ def update(policy, cfg: Config, prompts: PromptBatch, rollout: Rollout, advantag
     return totals
 
 
+class MicroBatchFit:
+    """Micro-batches of the configured size, or (size 0) the largest that fits: the whole
+    batch first, halved on each CUDA out-of-memory error; the size found is kept."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def run(self, fn, n: int, on_retry=None):
+        while True:
+            size = n if self.size <= 0 else min(self.size, n)
+            try:
+                return fn(micro_batches(n, size))
+            except torch.cuda.OutOfMemoryError:
+                if size == 1:
+                    raise
+                self.size = size // 2
+                log(f"out of memory with micro-batches of {size}; retrying with {self.size}")
+                if on_retry is not None:
+                    on_retry()
+                torch.cuda.empty_cache()
+
+
 def train_grpo(cfg: Config, *, on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Run GRPO / GRPO-D as configured; returns the final metrics and eval results.
     Resumes from the newest checkpoint in cfg.output_dir when there is one."""
@@ -174,6 +196,7 @@ def train_grpo(cfg: Config, *, on_step: Optional[Callable[[int, dict], None]] = 
     progress = Progress(total, initial=start, desc="grpo",
                         disable=None if cfg.log.progress else True)
     metrics: dict = {}
+    fit = MicroBatchFit(g.micro_batch_size)
     try:
         for step in range(start, total):
             t0 = time.perf_counter()
@@ -190,15 +213,17 @@ def train_grpo(cfg: Config, *, on_step: Optional[Callable[[int, dict], None]] = 
             advantages = group_advantages(reward, g.num_generations)
             t_reward = time.perf_counter()
 
-            micro = micro_batches(len(reward), g.micro_batch_size)
+            n = len(reward)
             features = None
             if cfg.model.freeze_vision:
                 with torch.no_grad():
                     features = encode_images(policy, prompts)
-            old_logp = sequence_logprobs(policy, prompts, rollout, micro, features,
-                                         cfg.model.impl) if g.updates_per_batch > 1 else None
-            ref_logp = sequence_logprobs(ref, prompts, rollout, micro, features,
-                                         cfg.model.impl) if ref is not None else None
+            old_logp = fit.run(lambda micro: sequence_logprobs(
+                policy, prompts, rollout, micro, features, cfg.model.impl), n) \
+                if g.updates_per_batch > 1 else None
+            ref_logp = fit.run(lambda micro: sequence_logprobs(
+                ref, prompts, rollout, micro, features, cfg.model.impl), n) \
+                if ref is not None else None
             t_ref = time.perf_counter()
 
             for u in range(g.updates_per_batch):
@@ -208,8 +233,9 @@ def train_grpo(cfg: Config, *, on_step: Optional[Callable[[int, dict], None]] = 
                            g.warmup_ratio)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                stats = update(policy, cfg, prompts, rollout, advantages, old_logp, ref_logp,
-                               beta, micro, features)
+                stats = fit.run(lambda micro: update(
+                    policy, cfg, prompts, rollout, advantages, old_logp, ref_logp, beta, micro,
+                    features), n, on_retry=lambda: optimizer.zero_grad(set_to_none=True))
                 ok, grad_norm = clip_and_check(policy, g.max_grad_norm, stats["loss"], guard,
                                                step)
                 if ok:

@@ -152,3 +152,53 @@ def test_sft_lowers_the_nll_and_eval_gives_the_cross_task_matrix(tmp_path, cache
     assert table.splitlines()[0] == "| model | counting | geometry |"
     assert json.loads((tmp_path / "eval" / "eval.json").read_text()) == matrix
     assert matrix["sft-counting"]["counting"]["format"] > matrix["base"]["counting"]["format"]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_micro_batches_add_up_to_the_whole_batch(tiny_model_dir, loss_type):
+    """Gradient accumulation over micro-batches gives the whole batch's gradient."""
+    from mr1fast.data import make_counting, question
+    from mr1fast.model import PromptEncoder, load_model
+    from mr1fast.runtime import micro_batches
+    from mr1fast.sampler import Rollout
+
+    torch.manual_seed(0)
+    model = load_model(str(tiny_model_dir), device=torch.device("cpu"), dtype=torch.float32)
+    enc = PromptEncoder(str(tiny_model_dir))
+    rows = make_counting(2, seed=3)
+    prompts = enc.encode([r["image"] for r in rows], [question(r["problem"]) for r in rows],
+                         torch.device("cpu"))
+    B, C = 8, 6
+    ids = torch.randint(10, 200, (B, C))
+    mask = (torch.rand(B, C) > 0.3).float()
+    rollout = Rollout(ids, mask, torch.zeros(B, C), torch.arange(2).repeat_interleave(4))
+    adv = torch.randn(B)
+    ref = torch.randn(B, C) * 0.1 - 5
+    cfg = from_dict({"grpo": {"loss_type": loss_type, "max_completion_length": C},
+                     "model": {"impl": "torch"}})
+
+    def grads(size):
+        model.zero_grad()
+        stats = train_module.update(model, cfg, prompts, rollout, adv, None, ref, 0.05,
+                                    micro_batches(B, size), None)
+        return stats, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    (whole, g1), (split, g2) = grads(0), grads(3)
+    assert float(whole["loss"]) == pytest.approx(float(split["loss"]), rel=1e-5, abs=1e-7)
+    assert whole["kl"] == pytest.approx(split["kl"], rel=1e-5)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_micro_batch_fit_halves_on_out_of_memory():
+    fit, seen, retries = train_module.MicroBatchFit(0), [], []
+
+    def fn(micro):
+        seen.append(len(micro[0]))
+        if len(micro[0]) > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return sum(len(m) for m in micro)
+
+    assert fit.run(fn, 16, on_retry=lambda: retries.append(1)) == 16
+    assert seen == [16, 8, 4] and fit.size == 4 and len(retries) == 2
+    assert fit.run(fn, 16) == 16 and seen[-1] == 4  # the size found is kept
