@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import math
 import multiprocessing
+import numbers
 import re
 import threading
 import warnings
@@ -129,7 +130,8 @@ def _checked(out, n: int) -> tuple[list[float | None] | None, str | None]:
         return None, f"returned {type(out).__name__}, expected a list of {n} numbers"
     if len(out) != n:
         return None, f"returned {len(out)} values for {n} completions"
-    wrong = [v for v in out if v is not None and not isinstance(v, (int, float))]
+    # numbers.Real admits numpy scalars (np.float32, np.int64) as well as int/float/bool.
+    wrong = [v for v in out if v is not None and not isinstance(v, numbers.Real)]
     if wrong:
         return None, (f"returned a {type(wrong[0]).__name__} ({wrong[0]!r:.50}), "
                       "expected numbers or None")

@@ -244,3 +244,13 @@ def test_timeout_off_the_main_thread(guarded):
     assert hung.values["reward_fixtures:misbehaves_on_request"] == [None, None]
     assert recovered.total == [2.0, 1.0]
     assert len(messages) == 1 and "timed out after 1s" in messages[0]
+
+
+def test_numpy_scalars_are_numbers():
+    import numpy as np
+
+    from mr1fast.rewards import _checked
+
+    values, problem = _checked([np.float32(0.5), np.int64(1), None, True], 4)
+    assert values == [0.5, 1.0, None, 1.0] and problem is None
+    assert _checked(["0.5"], 1)[0] is None
