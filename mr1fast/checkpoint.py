@@ -43,6 +43,8 @@ def save_checkpoint(run_dir: Path, step: int, model, encoder, optimizer, state: 
     `keep` step checkpoints."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / (name or f"step-{step:06d}")
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
@@ -50,14 +52,36 @@ def save_checkpoint(run_dir: Path, step: int, model, encoder, optimizer, state: 
         encoder.save(tmp)
         torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
                     "rng": rng_state(), **state}, tmp / STATE_FILE)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _fsync_tree(tmp)
+        if final.exists():  # never a moment without a complete checkpoint under this name
+            aside = root / f".tmp-old-{final.name}"
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync(root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush the files and the folder, so a rename never publishes data still in the cache."""
+    for f in folder.iterdir():
+        if f.is_file():
+            _fsync(f)
+    _fsync(folder)
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:

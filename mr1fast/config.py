@@ -20,7 +20,7 @@ import yaml
 @dataclass
 class ModelConfig:
     name: str = "Qwen/Qwen2-VL-2B-Instruct"  # hub id, local path, or "tiny" (built and cached)
-    dtype: str = "auto"                      # auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32
+    dtype: str = "auto"                      # auto (bf16 on GPU, fp32 on CPU), bf16, fp32
     device: str = "auto"
     gradient_checkpointing: bool = True
     freeze_vision: bool = False
@@ -84,7 +84,7 @@ class SFTConfig:
 @dataclass
 class EvalConfig:
     tasks: dict = field(default_factory=lambda: {"counting": "leonardPKU/superclevr",
-                                                 "geometry": "leonardPKU/GEOQA_R1V_Train_8K"})
+                                                 "geometry": "data/geoqa_test.jsonl"})
     split: str = "test"
     limit: int = 200
     synthetic_size: int = 64
@@ -117,7 +117,8 @@ class Config:
 
 
 CHOICES = {
-    "model.dtype": ("auto", "bf16", "fp16", "fp32"),
+    # No fp16: training it needs loss scaling, which the trainer does not do.
+    "model.dtype": ("auto", "bf16", "fp32"),
     "model.impl": ("auto", "triton", "torch", "naive"),
     "grpo.lr_schedule": ("constant", "linear", "cosine"),
     "sft.lr_schedule": ("constant", "linear", "cosine"),
@@ -133,6 +134,14 @@ NON_NEGATIVE = ("grpo.lr", "sft.lr", "grpo.beta_min", "grpo.beta_max", "grpo.epo
                 "sft.micro_batch_size", "data.limit", "eval.limit", "grpo.sft_warmup_steps",
                 "grpo.weight_decay", "sft.weight_decay", "grpo.max_grad_norm",
                 "sft.max_grad_norm", "grpo.reward_timeout_s", "log.eval_every")
+
+
+# key: (low, high, low inclusive, high inclusive)
+RANGES = {
+    "grpo.eps_low": (0.0, 1.0, True, False), "grpo.eps_high": (0.0, float("inf"), True, False),
+    "grpo.explore_ratio": (0.0, 1.0, True, True), "grpo.top_p": (0.0, 1.0, False, True),
+    "grpo.warmup_ratio": (0.0, 1.0, True, False), "sft.warmup_ratio": (0.0, 1.0, True, False),
+}
 
 
 def embedded_default() -> Config:
@@ -208,6 +217,13 @@ def validate(cfg: Config) -> None:
     for key in NON_NEGATIVE:
         if not get(cfg, key) >= 0:
             raise ValueError(f"config key {key}: expected >= 0, got {get(cfg, key)!r}")
+    for key, (lo, hi, lo_in, hi_in) in RANGES.items():
+        v = get(cfg, key)
+        if not ((v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)):
+            raise ValueError(f"config key {key}: expected a value in {'[' if lo_in else '('}"
+                             f"{lo}, {hi}{']' if hi_in else ')'}, got {v!r}")
+    if cfg.grpo.top_k < 0:
+        raise ValueError(f"config key grpo.top_k: expected >= 0 (0: off), got {cfg.grpo.top_k}")
     if cfg.grpo.num_generations < 2:
         raise ValueError("config key grpo.num_generations: GRPO needs a group of >= 2 "
                          f"completions, got {cfg.grpo.num_generations}")

@@ -300,10 +300,9 @@ def model_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto` is bf16 on GPU and fp32 on CPU."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-             "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+    table = {"bf16": torch.bfloat16, "fp32": torch.float32}
     if name not in table:
-        raise ValueError(f"dtype={name!r}: expected auto, bf16, fp16 or fp32")
+        raise ValueError(f"dtype={name!r}: expected auto, bf16 or fp32")
     return table[name]
 
 

@@ -210,8 +210,9 @@ class RewardRunner:
         """Score ``completions``; ``rows[i]`` is completion i's dataset row, with a "solution"."""
         if len(rows) != len(completions):
             raise ValueError(f"{len(completions)} completions but {len(rows)} rows")
-        keys = {"solution", *(rows[0] if rows else ())} - _NOT_SENT
-        columns = {key: [row[key] for row in rows] for key in keys}
+        # The union of the rows' keys: a column that only some rows have is None elsewhere.
+        keys = {"solution"}.union(*rows) - _NOT_SENT
+        columns = {key: [row.get(key) for row in rows] for key in sorted(keys)}
         values, failures = {}, {}
         with self._lock:
             for name in self.weights:

@@ -36,7 +36,7 @@ def resolve_model(name: str, cfg: Config) -> str:
 
 
 def load_task(source: str, cfg: Config, encoder: PromptEncoder, *, split: str, n: int,
-              limit: int, max_prompt_length: int, strict: bool) -> list[Example]:
+              limit: int, max_prompt_length: Optional[int], strict: bool) -> list[Example]:
     """Examples of one data source (synthetic:* names generate and cache `n` rows), with rows
     whose prompt exceeds max_prompt_length tokens (image tokens included) skipped."""
     path = resolve_source(source, split=split, cache_dir=cache_dir(cfg) / "data", n=n,
@@ -49,9 +49,47 @@ def load_task(source: str, cfg: Config, encoder: PromptEncoder, *, split: str, n
     return result.examples
 
 
-def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(model, lr: float, weight_decay: float):
+    """AdamW; on fp32 master copies when the weights are bf16 (see MasterWeightsAdamW)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if all(p.dtype == torch.float32 for p in params):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return MasterWeightsAdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+class MasterWeightsAdamW:
+    """AdamW on fp32 master copies of bf16 parameters. Applied to bf16 weights directly, an
+    update of lr = 1e-6 (the paper's) rounds away: a weight of 0.02 has a bf16 spacing of
+    ~1.2e-4. Gradients are upcast into the masters, the step runs in fp32, and the result is
+    rounded back into the model's bf16 weights. The masters are part of the state_dict."""
+
+    def __init__(self, params, lr: float, weight_decay: float):
+        self.params = list(params)
+        self.master = [p.detach().float().clone() for p in self.params]
+        self.inner = torch.optim.AdamW(self.master, lr=lr, weight_decay=weight_decay)
+        self.param_groups = self.inner.param_groups
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, m in zip(self.params, self.master):
+            m.grad = None if p.grad is None else p.grad.float()
+        self.inner.step()
+        for p, m in zip(self.params, self.master):
+            p.copy_(m)
+            m.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        return {"adamw": self.inner.state_dict(), "master": list(self.master)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["adamw"])
+        for m, saved in zip(self.master, state["master"]):
+            m.copy_(saved)
 
 
 def lr_at(step: int, total: int, lr: float, schedule: str, warmup_ratio: float) -> float:

@@ -55,6 +55,35 @@ def completion_mask(ids: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
     return (~after).float()
 
 
+class _SampledLogprobs:
+    """A logits processor that records the log-prob of each sampled token without keeping
+    the [B, V] scores of every step (which output_scores would: ~40 GB at B=128, V=151936,
+    512 tokens). It holds one step's log-softmax until the next call shows the sampled token.
+    transformers applies temperature / top-k / top-p after custom processors, so the
+    temperature is applied here; the log-probs are those of the suppressed, temperature-scaled
+    distribution (top-k / top-p truncation, off by default, is not reflected)."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.previous = torch.log_softmax(scores.float() / self.temperature, -1)
+        return scores
+
+    def finish(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, C] fp32 log-probs of the generated ids."""
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(-1, ids[:, -1:]).squeeze(-1))
+            self.previous = None
+        if not self.steps:
+            return torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+        return torch.stack(self.steps, 1)
+
+
 class HFSampler:
     """transformers' generate on `model` (colocated: by default the policy itself, so
     update_weights has nothing to copy; given a separate model it copies the tensors in)."""
@@ -68,31 +97,33 @@ class HFSampler:
 
     @torch.no_grad()
     def generate(self, prompts: PromptBatch, n: int, params: SamplingParams) -> Rollout:
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        # A fresh generation config: nothing from the checkpoint's generation_config.json
+        # (a repetition penalty, say) changes the distribution the samples come from.
+        config = GenerationConfig(
+            max_new_tokens=params.max_new_tokens, do_sample=not params.greedy,
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+            repetition_penalty=1.0, pad_token_id=self.pad_id,
+            eos_token_id=None if params.ignore_eos else self.stop_ids,
+            min_new_tokens=params.max_new_tokens if params.ignore_eos else 0,
+            suppress_tokens=self.suppress_ids or None, use_cache=True)
+        recorder = _SampledLogprobs(1.0 if params.greedy else params.temperature)
         was_training = self.model.training
         self.model.eval()
         try:
-            kwargs = dict(do_sample=False) if params.greedy else dict(
-                do_sample=True, temperature=params.temperature, top_p=params.top_p,
-                top_k=params.top_k)
-            stop = dict(eos_token_id=None, min_new_tokens=params.max_new_tokens) \
-                if params.ignore_eos else dict(eos_token_id=self.stop_ids)
             out = self.model.generate(
                 input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
                 pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
                 mm_token_type_ids=(prompts.input_ids == prompts.image_token_id).int(),
-                max_new_tokens=params.max_new_tokens, num_return_sequences=n,
-                pad_token_id=self.pad_id, suppress_tokens=self.suppress_ids or None,
-                output_scores=True, return_dict_in_generate=True,
-                use_cache=True, **kwargs, **stop)
+                generation_config=config, num_return_sequences=n,
+                logits_processor=LogitsProcessorList([recorder]))
         finally:
             self.model.train(was_training)
-        ids = out.sequences[:, prompts.input_ids.shape[1]:]
+        ids = out[:, prompts.input_ids.shape[1]:]
         mask = torch.ones_like(ids, dtype=torch.float32) if params.ignore_eos \
             else completion_mask(ids, self.stop_ids)
-        # scores are the processed logits (temperature, top-k/top-p applied): the distribution
-        # the tokens were drawn from.
-        logp = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
-        logp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        logp = recorder.finish(ids)
         logp = torch.where(mask > 0, logp, torch.zeros_like(logp))
         index = torch.arange(len(prompts), device=ids.device).repeat_interleave(n)
         return Rollout(ids.masked_fill(mask == 0, self.pad_id), mask, logp, index)

@@ -60,7 +60,7 @@ def _prompt_groups(index: torch.Tensor):
 
 @torch.no_grad()
 def sequence_logprobs(model, prompts: PromptBatch, rollout: Rollout, micro: list[torch.Tensor],
-                      features, impl: str) -> torch.Tensor:
+                      features, impl: str, temperature: float = 1.0) -> torch.Tensor:
     """fp32 per-token log-probs [B, C] of the rollout under `model`, micro-batch by micro-batch.
     `features` (per prompt) is reused when given (frozen vision tower), else recomputed."""
     out = torch.zeros_like(rollout.logprobs)
@@ -71,8 +71,11 @@ def sequence_logprobs(model, prompts: PromptBatch, rollout: Rollout, micro: list
             else encode_images(model, sub)
         hidden = completion_hidden(model, sub, feats, local, rollout.completion_ids[idx],
                                    rollout.completion_mask[idx])
+        if not bool(torch.isfinite(hidden).all()):
+            out[idx] = float("nan")  # update() turns this into a skipped step
+            continue
         out[idx] = token_logprobs(hidden, lm_head_weight(model), rollout.completion_ids[idx],
-                                  impl=impl) * rollout.completion_mask[idx]
+                                  temperature=temperature, impl=impl) * rollout.completion_mask[idx]
     return out
 
 
@@ -99,11 +102,17 @@ def update(policy, cfg: Config, prompts: PromptBatch, rollout: Rollout, advantag
             else encode_images(policy, sub)
         hidden = completion_hidden(policy, sub, feats, local, rollout.completion_ids[idx],
                                    mask[idx])
+        inputs = [hidden] + [x[idx] for x in (old_logp, ref_logp) if x is not None]
+        if not all(bool(torch.isfinite(x).all()) for x in inputs):
+            # A non-finite forward pass: report a NaN loss so the guard skips the step.
+            totals["loss"] = torch.tensor(float("nan"))
+            return totals
         loss, stats = grpo_loss(
             hidden, lm_head_weight(policy), rollout.completion_ids[idx], advantages[idx],
             mask=mask[idx], old_logp=None if old_logp is None else old_logp[idx],
             ref_logp=None if ref_logp is None else ref_logp[idx], beta=beta,
-            eps_low=g.eps_low, eps_high=g.eps_high, loss_type=g.loss_type,
+            eps_low=g.eps_low, eps_high=g.eps_high, temperature=g.temperature,
+            loss_type=g.loss_type,
             max_completion_length=g.max_completion_length,
             num_items_in_batch=mask.sum() if g.loss_type == "dapo" else None,
             return_entropy=True, impl=cfg.model.impl)
@@ -219,10 +228,10 @@ def train_grpo(cfg: Config, *, on_step: Optional[Callable[[int, dict], None]] = 
                 with torch.no_grad():
                     features = encode_images(policy, prompts)
             old_logp = fit.run(lambda micro: sequence_logprobs(
-                policy, prompts, rollout, micro, features, cfg.model.impl), n) \
+                policy, prompts, rollout, micro, features, cfg.model.impl, g.temperature), n) \
                 if g.updates_per_batch > 1 else None
             ref_logp = fit.run(lambda micro: sequence_logprobs(
-                ref, prompts, rollout, micro, features, cfg.model.impl), n) \
+                ref, prompts, rollout, micro, features, cfg.model.impl, g.temperature), n) \
                 if ref is not None else None
             t_ref = time.perf_counter()
 
@@ -250,14 +259,14 @@ def train_grpo(cfg: Config, *, on_step: Optional[Callable[[int, dict], None]] = 
                                     device)
             logger.log(step + 1, metrics)
             progress.update(metrics)
+            if cfg.log.eval_every and (step + 1) % cfg.log.eval_every == 0 and step + 1 < total:
+                results[f"step_{step + 1}"] = evaluate_tasks(cfg, policy, encoder)
             if (step + 1) % cfg.log.save_every == 0 or step + 1 == total:
                 save_checkpoint(run_dir, step + 1, policy, encoder, optimizer,
                                 {"step": step + 1, "data": order.state(),
                                  "results": json.dumps(results)}, keep=cfg.log.keep_checkpoints)
             if on_step is not None:
                 on_step(step + 1, metrics)
-            if cfg.log.eval_every and (step + 1) % cfg.log.eval_every == 0 and step + 1 < total:
-                results[f"step_{step + 1}"] = evaluate_tasks(cfg, policy, encoder)
     finally:
         progress.close()
         logger.close()

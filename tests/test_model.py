@@ -146,3 +146,17 @@ def test_update_weights_copies_into_a_separate_sampler_model(tiny_model_dir, set
 def test_load_model_names_a_missing_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="model="):
         load_model(str(tmp_path / "missing"), device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_hf_sampler_logprobs_follow_the_temperature(setup):
+    model, encoder, prompts = setup
+    sampler = HFSampler(model, encoder.stop_ids, encoder.tokenizer.pad_token_id)
+    torch.manual_seed(4)
+    out = sampler.generate(prompts, 2, SamplingParams(max_new_tokens=8, temperature=0.7))
+    with torch.no_grad():
+        hidden = completion_hidden(model, prompts, encode_images(model, prompts),
+                                   out.prompt_index, out.completion_ids, out.completion_mask)
+        policy = token_logprobs(hidden, lm_head_weight(model), out.completion_ids,
+                                temperature=0.7, impl="torch")
+    m = out.completion_mask > 0
+    assert (policy - out.logprobs)[m].abs().max() < 1e-5

@@ -254,3 +254,20 @@ def test_numpy_scalars_are_numbers():
     values, problem = _checked([np.float32(0.5), np.int64(1), None, True], 4)
     assert values == [0.5, 1.0, None, 1.0] and problem is None
     assert _checked(["0.5"], 1)[0] is None
+
+
+def test_a_column_only_some_rows_have_is_none_elsewhere():
+    seen = {}
+
+    def spy(completions, solution, **columns):
+        seen.update(columns)
+        return [1.0] * len(completions)
+
+    import mr1fast.rewards as rewards_module
+    rewards_module.BUILTIN_REWARDS["_spy"] = spy
+    try:
+        runner = rewards_module.RewardRunner({"_spy": 1.0}, isolate=False)
+        out = runner(["a", "b"], [{"solution": "1", "thinking": "t"}, {"solution": "2"}])
+    finally:
+        del rewards_module.BUILTIN_REWARDS["_spy"]
+    assert out.total == [1.0, 1.0] and seen["thinking"] == ["t", None]
