@@ -49,6 +49,28 @@ def load_task(source: str, cfg: Config, encoder: PromptEncoder, *, split: str, n
     return result.examples
 
 
+def setup_run(cfg: Config):
+    """The run directory (with config.yaml), the model path, the prompt encoder, the trainable
+    model and the training examples, as configured."""
+    from .config import save_config
+    from .model import default_device, load_model, model_dtype
+
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    device = default_device(cfg.model.device)
+    model_path = resolve_model(cfg.model.name, cfg)
+    encoder = PromptEncoder(model_path)
+    model = load_model(model_path, device=device, dtype=model_dtype(cfg.model.dtype, device),
+                       gradient_checkpointing=cfg.model.gradient_checkpointing,
+                       freeze_vision=cfg.model.freeze_vision)
+    train_set = load_task(cfg.data.train, cfg, encoder, split=cfg.data.split,
+                          n=cfg.data.synthetic_size, limit=cfg.data.limit,
+                          max_prompt_length=cfg.data.max_prompt_length, strict=cfg.data.strict)
+    return run_dir, model_path, encoder, model, train_set
+
+
 def make_optimizer(model, lr: float, weight_decay: float):
     """AdamW; on fp32 master copies when the weights are bf16 (see MasterWeightsAdamW)."""
     params = [p for p in model.parameters() if p.requires_grad]

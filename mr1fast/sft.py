@@ -14,13 +14,12 @@ import torch
 
 from . import token_logprobs
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, save_config
+from .config import Config
 from .data import Example, answer_text, question
 from .metrics import MetricsLogger, Progress, plot_metrics
-from .model import (PromptEncoder, completion_hidden, default_device, encode_images,
-                    lm_head_weight, load_model, model_dtype)
-from .runtime import (DataOrder, NonFiniteGuard, clip_and_check, load_task, log, lr_at,
-                      make_optimizer, micro_batches, resolve_model, total_steps)
+from .model import PromptEncoder, completion_hidden, encode_images, lm_head_weight
+from .runtime import (DataOrder, NonFiniteGuard, clip_and_check, log, lr_at, make_optimizer,
+                      micro_batches, setup_run, total_steps)
 
 
 def sft_target(example: Example, thinking: str) -> str:
@@ -117,19 +116,7 @@ def run_sft(cfg: Config) -> dict:
     """`mr1fast sft`: the SFT baseline as configured, resumable, evaluated at the end."""
     from .evaluate import evaluate_tasks, print_results
 
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    torch.manual_seed(cfg.seed)
-    device = default_device(cfg.model.device)
-    model_path = resolve_model(cfg.model.name, cfg)
-    encoder = PromptEncoder(model_path)
-    model = load_model(model_path, device=device, dtype=model_dtype(cfg.model.dtype, device),
-                       gradient_checkpointing=cfg.model.gradient_checkpointing,
-                       freeze_vision=cfg.model.freeze_vision)
-    train_set = load_task(cfg.data.train, cfg, encoder, split=cfg.data.split,
-                          n=cfg.data.synthetic_size, limit=cfg.data.limit,
-                          max_prompt_length=cfg.data.max_prompt_length, strict=cfg.data.strict)
+    run_dir, _, encoder, model, train_set = setup_run(cfg)
     steps = total_steps(len(train_set), cfg.sft.batch_size, cfg.sft.epochs, cfg.sft.max_steps)
     metrics = train_sft(cfg, model, encoder, train_set, steps=steps, run_dir=run_dir,
                         resume=True)

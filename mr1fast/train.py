@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -24,15 +23,15 @@ import torch
 from . import beta_schedule, grpo_loss, token_logprobs
 from .advantages import group_advantages
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, save_config
+from .config import Config
 from .data import Example, question
 from .evaluate import evaluate_tasks, print_results
 from .metrics import MetricsLogger, Progress, plot_metrics
-from .model import (PromptBatch, PromptEncoder, completion_hidden, default_device,
-                    encode_images, lm_head_weight, load_model, model_dtype)
+from .model import (PromptBatch, PromptEncoder, completion_hidden, encode_images,
+                    lm_head_weight, load_model)
 from .rewards import RewardRunner
-from .runtime import (DataOrder, NonFiniteGuard, clip_and_check, device_peak_mb, load_task, log,
-                      lr_at, make_optimizer, micro_batches, resolve_model, total_steps)
+from .runtime import (DataOrder, NonFiniteGuard, clip_and_check, device_peak_mb, log, lr_at,
+                      make_optimizer, micro_batches, setup_run, total_steps)
 from .sampler import HFSampler, Rollout, SamplingParams
 from .sft import train_sft
 
@@ -52,10 +51,16 @@ def encode_prompts(encoder: PromptEncoder, examples: list[Example], device) -> P
                           device)
 
 
-def _prompt_groups(index: torch.Tensor):
-    """The distinct prompts of a micro-batch and each completion's position among them."""
-    unique, local = torch.unique(index, return_inverse=True)
-    return unique, local
+def micro_hidden(model, prompts: PromptBatch, rollout: Rollout, idx: torch.Tensor,
+                 features) -> torch.Tensor:
+    """Hidden states [b, C, d] of the completions `idx`. Each distinct prompt's image is
+    encoded once (or taken from `features`, the frozen tower's per-prompt output)."""
+    unique, local = torch.unique(rollout.prompt_index[idx], return_inverse=True)
+    sub = prompts.select(unique)
+    feats = [features[i] for i in unique.tolist()] if features is not None \
+        else encode_images(model, sub)
+    return completion_hidden(model, sub, feats, local, rollout.completion_ids[idx],
+                             rollout.completion_mask[idx])
 
 
 @torch.no_grad()
@@ -65,12 +70,7 @@ def sequence_logprobs(model, prompts: PromptBatch, rollout: Rollout, micro: list
     `features` (per prompt) is reused when given (frozen vision tower), else recomputed."""
     out = torch.zeros_like(rollout.logprobs)
     for idx in micro:
-        prompts_m, local = _prompt_groups(rollout.prompt_index[idx])
-        sub = prompts.select(prompts_m)
-        feats = [features[i] for i in prompts_m.tolist()] if features is not None \
-            else encode_images(model, sub)
-        hidden = completion_hidden(model, sub, feats, local, rollout.completion_ids[idx],
-                                   rollout.completion_mask[idx])
+        hidden = micro_hidden(model, prompts, rollout, idx, features)
         if not bool(torch.isfinite(hidden).all()):
             out[idx] = float("nan")  # update() turns this into a skipped step
             continue
@@ -96,12 +96,7 @@ def update(policy, cfg: Config, prompts: PromptBatch, rollout: Rollout, advantag
               "entropy": 0.0}
     loss_sum = torch.zeros(())
     for idx in micro:
-        prompts_m, local = _prompt_groups(rollout.prompt_index[idx])
-        sub = prompts.select(prompts_m)
-        feats = [features[i] for i in prompts_m.tolist()] if features is not None \
-            else encode_images(policy, sub)
-        hidden = completion_hidden(policy, sub, feats, local, rollout.completion_ids[idx],
-                                   mask[idx])
+        hidden = micro_hidden(policy, prompts, rollout, idx, features)
         inputs = [hidden] + [x[idx] for x in (old_logp, ref_logp) if x is not None]
         if not all(bool(torch.isfinite(x).all()) for x in inputs):
             # A non-finite forward pass: report a NaN loss so the guard skips the step.
@@ -152,22 +147,9 @@ class MicroBatchFit:
 def train_grpo(cfg: Config, *, on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Run GRPO / GRPO-D as configured; returns the final metrics and eval results.
     Resumes from the newest checkpoint in cfg.output_dir when there is one."""
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    torch.manual_seed(cfg.seed)
-    device = default_device(cfg.model.device)
-    dtype = model_dtype(cfg.model.dtype, device)
     g = cfg.grpo
-
-    model_path = resolve_model(cfg.model.name, cfg)
-    encoder = PromptEncoder(model_path)
-    policy = load_model(model_path, device=device, dtype=dtype,
-                        gradient_checkpointing=cfg.model.gradient_checkpointing,
-                        freeze_vision=cfg.model.freeze_vision)
-    train_set = load_task(cfg.data.train, cfg, encoder, split=cfg.data.split,
-                          n=cfg.data.synthetic_size, limit=cfg.data.limit,
-                          max_prompt_length=cfg.data.max_prompt_length, strict=cfg.data.strict)
+    run_dir, model_path, encoder, policy, train_set = setup_run(cfg)
+    device, dtype = next(policy.parameters()).device, next(policy.parameters()).dtype
     total = total_steps(len(train_set), g.prompts_per_step, g.epochs, g.max_steps)
     beta_at = make_beta(cfg, total * g.updates_per_batch)
     needs_ref = g.beta_max > 0 or (g.beta_schedule != "constant" and g.beta_min > 0)

@@ -3,7 +3,6 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 
 from mr1fast import token_logprobs
 from mr1fast.data import make_counting, question
