@@ -101,10 +101,11 @@ class HFSampler:
 
         # A fresh generation config: nothing from the checkpoint's generation_config.json
         # (a repetition penalty, say) changes the distribution the samples come from.
+        sampling = {} if params.greedy else dict(
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         config = GenerationConfig(
-            max_new_tokens=params.max_new_tokens, do_sample=not params.greedy,
-            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-            repetition_penalty=1.0, pad_token_id=self.pad_id,
+            max_new_tokens=params.max_new_tokens, do_sample=not params.greedy, **sampling,
+            num_return_sequences=n, repetition_penalty=1.0, pad_token_id=self.pad_id,
             eos_token_id=None if params.ignore_eos else self.stop_ids,
             min_new_tokens=params.max_new_tokens if params.ignore_eos else 0,
             suppress_tokens=self.suppress_ids or None, use_cache=True)
@@ -116,8 +117,7 @@ class HFSampler:
                 input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
                 pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
                 mm_token_type_ids=(prompts.input_ids == prompts.image_token_id).int(),
-                generation_config=config, num_return_sequences=n,
-                logits_processor=LogitsProcessorList([recorder]))
+                generation_config=config, logits_processor=LogitsProcessorList([recorder]))
         finally:
             self.model.train(was_training)
         ids = out[:, prompts.input_ids.shape[1]:]
