@@ -54,6 +54,10 @@ class Example:
     row: dict  # every other column of the source row, as plain Python values
     index: int  # position of the row in the source (0-based, bad rows included)
 
+    def reward_row(self) -> dict:
+        """The columns a reward function sees: solution, problem and the extra columns."""
+        return {"solution": self.solution, "problem": self.problem, **self.row}
+
 
 @dataclass
 class LoadResult:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, save_config
-from .data import Example, question
+from .data import Example
 from .model import PromptEncoder, default_device, load_model, model_dtype
 from .rewards import RewardRunner
 from .runtime import load_task, log, resolve_model
@@ -17,27 +17,24 @@ from .sampler import HFSampler, SamplingParams
 
 
 @torch.no_grad()
-def evaluate(model, encoder: PromptEncoder, examples: list[Example], *, max_new_tokens: int,
-             batch_size: int, timeout_s: float = 10.0) -> dict:
-    """{"accuracy", "format", "n", "unscored"} over `examples` with greedy decoding; accuracy in %."""
+def evaluate(model, encoder: PromptEncoder, examples: list[Example], score: RewardRunner, *,
+             max_new_tokens: int, batch_size: int) -> dict:
+    """{"accuracy", "format", "n", "unscored"} over `examples` with greedy decoding; accuracy in
+    %. `score` is a RewardRunner with the "accuracy" and "format" rewards."""
     sampler = HFSampler(model, encoder.stop_ids, encoder.tokenizer.pad_token_id,
                         encoder.multimodal_ids)
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
     device = next(model.parameters()).device
     acc = fmt = 0.0
     failed = 0
-    with RewardRunner({"accuracy": 1.0, "format": 1.0}, timeout_s=timeout_s, log=log) as score:
-        for i in range(0, len(examples), batch_size):
-            batch = examples[i: i + batch_size]
-            prompts = encoder.encode([e.image for e in batch],
-                                     [question(e.problem) for e in batch], device)
-            out = sampler.generate(prompts, 1, params)
-            texts = encoder.decode(out.completion_ids, out.completion_mask)
-            result = score(texts, [{"solution": e.solution, "problem": e.problem, **e.row}
-                                   for e in batch])
-            acc += sum(v or 0.0 for v in result.values["accuracy"])
-            failed += sum(v is None for v in result.values["accuracy"])
-            fmt += sum(v or 0.0 for v in result.values["format"])
+    for i in range(0, len(examples), batch_size):
+        batch = examples[i: i + batch_size]
+        out = sampler.generate(encoder.encode_examples(batch, device), 1, params)
+        texts = encoder.decode(out.completion_ids, out.completion_mask)
+        result = score(texts, [e.reward_row() for e in batch])
+        acc += sum(v or 0.0 for v in result.values["accuracy"])
+        failed += sum(v is None for v in result.values["accuracy"])
+        fmt += sum(v or 0.0 for v in result.values["format"])
     n = len(examples)
     if failed:
         log(f"eval: the accuracy of {failed} of {n} items could not be computed (counted wrong)")
@@ -49,12 +46,14 @@ def evaluate_tasks(cfg: Config, model, encoder: PromptEncoder) -> dict:
     """evaluate() on every task of cfg.eval.tasks (held-out split): {task: result}."""
     e = cfg.eval
     out = {}
-    for task, source in e.tasks.items():
-        # No prompt-length filter: the test sets must keep their size (200, 754 items).
-        examples = load_task(source, cfg, encoder, split=e.split, n=e.synthetic_size,
-                             limit=e.limit, max_prompt_length=None, strict=cfg.data.strict)
-        out[task] = evaluate(model, encoder, examples, max_new_tokens=e.max_new_tokens,
-                             batch_size=e.batch_size, timeout_s=cfg.grpo.reward_timeout_s)
+    with RewardRunner({"accuracy": 1.0, "format": 1.0}, timeout_s=cfg.grpo.reward_timeout_s,
+                      log=log) as score:
+        for task, source in e.tasks.items():
+            # No prompt-length filter: the test sets must keep their size (200, 754 items).
+            examples = load_task(source, cfg, encoder, split=e.split, n=e.synthetic_size,
+                                 limit=e.limit, max_prompt_length=None, strict=cfg.data.strict)
+            out[task] = evaluate(model, encoder, examples, score,
+                                 max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
     return out
 
 

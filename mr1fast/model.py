@@ -227,6 +227,13 @@ class PromptEncoder:
                            image_grid_thw=grid.to(device), image_token_id=self.image_token_id,
                            pad_token_id=self.tokenizer.pad_token_id)
 
+    def encode_examples(self, examples: Sequence, device: torch.device) -> "PromptBatch":
+        """encode() of data.Example rows: their images and R1-V questions."""
+        from .data import question
+
+        return self.encode([e.image for e in examples], [question(e.problem) for e in examples],
+                           device)
+
     def save(self, out_dir: str | Path) -> None:
         """Tokenizer, chat template and image processor, next to a saved model."""
         self.tokenizer.save_pretrained(out_dir)

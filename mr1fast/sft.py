@@ -15,7 +15,7 @@ import torch
 from . import token_logprobs
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
-from .data import Example, answer_text, question
+from .data import Example, answer_text
 from .metrics import MetricsLogger, Progress, plot_metrics
 from .model import PromptEncoder, completion_hidden, encode_images, lm_head_weight
 from .runtime import (DataOrder, NonFiniteGuard, clip_and_check, log, lr_at, make_optimizer,
@@ -44,8 +44,7 @@ def encode_targets(encoder: PromptEncoder, texts: list[str], device) -> tuple[to
 def sft_step(cfg: Config, model, encoder: PromptEncoder, examples: list[Example],
              device) -> torch.Tensor:
     """Accumulates the gradient of the batch's mean target NLL; returns the loss."""
-    prompts = encoder.encode([e.image for e in examples], [question(e.problem) for e in examples],
-                             device)
+    prompts = encoder.encode_examples(examples, device)
     ids, mask = encode_targets(encoder, [sft_target(e, cfg.sft.thinking) for e in examples],
                                device)
     total = torch.zeros(())

@@ -24,10 +24,9 @@ from . import beta_schedule, grpo_loss, token_logprobs
 from .advantages import group_advantages
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
-from .data import Example, question
 from .evaluate import evaluate_tasks, print_results
 from .metrics import MetricsLogger, Progress, plot_metrics
-from .model import (PromptBatch, PromptEncoder, completion_hidden, encode_images,
+from .model import (PromptBatch, completion_hidden, encode_images,
                     lm_head_weight, load_model)
 from .rewards import RewardRunner
 from .runtime import (DataOrder, NonFiniteGuard, clip_and_check, device_peak_mb, log, lr_at,
@@ -44,11 +43,6 @@ def make_beta(cfg: Config, total: int) -> Callable[[int], float]:
     if g.beta_schedule == "constant":
         return beta_schedule("constant", total, beta=g.beta_max)
     return beta_schedule(g.beta_schedule, total, beta_start=g.beta_min, beta_end=g.beta_max)
-
-
-def encode_prompts(encoder: PromptEncoder, examples: list[Example], device) -> PromptBatch:
-    return encoder.encode([e.image for e in examples], [question(e.problem) for e in examples],
-                          device)
 
 
 def micro_hidden(model, prompts: PromptBatch, rollout: Rollout, idx: torch.Tensor,
@@ -192,13 +186,12 @@ def train_grpo(cfg: Config, *, on_step: Optional[Callable[[int, dict], None]] = 
         for step in range(start, total):
             t0 = time.perf_counter()
             examples = [train_set[i] for i in order.next()]
-            prompts = encode_prompts(encoder, examples, device)
+            prompts = encoder.encode_examples(examples, device)
             rollout = sampler.generate(prompts, g.num_generations, params)
             t_rollout = time.perf_counter()
 
             completions = encoder.decode(rollout.completion_ids, rollout.completion_mask)
-            rows = [{"solution": e.solution, "problem": e.problem, **e.row}
-                    for e in examples for _ in range(g.num_generations)]
+            rows = [e.reward_row() for e in examples for _ in range(g.num_generations)]
             scored = rewards(completions, rows)
             reward = torch.tensor(scored.total, dtype=torch.float32, device=device)
             advantages = group_advantages(reward, g.num_generations)
