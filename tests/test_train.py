@@ -16,7 +16,7 @@ from mr1fast.train import train_grpo
 
 def tiny_config(run_dir, cache_dir, **sections):
     """The embedded default, shrunk for tests, with per-section overrides."""
-    base = {"seed": 0, "output_dir": str(run_dir), "cache_dir": str(cache_dir),
+    base = {"seed": 0, "output_dir": str(run_dir), "cache_dir": str(cache_dir), "sampler": "hf",
             "data": {"synthetic_size": 64},
             "grpo": {"max_steps": 4, "sft_warmup_steps": 0, "prompts_per_step": 2,
                      "num_generations": 4, "max_completion_length": 12},
