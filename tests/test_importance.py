@@ -102,3 +102,50 @@ def test_torchvision_imports_and_processes_images():
     out = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112)(
         images=[Image.fromarray(np.zeros((112, 112, 3), dtype=np.uint8))], return_tensors="pt")
     assert out["image_grid_thw"].tolist() == [[1, 8, 8]]
+
+
+class _RecordingEngine:
+    """Stands in for vllm.LLM to check the order of VLLMSampler's engine calls (the sleep-mode
+    sequence is a CUDA feature; the order is mr1fast's logic and is checked here)."""
+
+    def __init__(self, params):
+        self.calls, self.params = [], params
+        self.llm_engine = self
+
+    def collective_rpc(self, method, args=()):
+        self.calls.append(method)
+        if method == "mr1fast_begin_sync":
+            return [True]
+        if method == "mr1fast_load":
+            return [[n for n, _ in args[0]]]
+        if method == "mr1fast_param_names":
+            return [self.params]
+        return [None]
+
+    def __getattr__(self, name):  # wake_up, sleep, reset_* : recorded
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *a, **k: self.calls.append((name, k.get("tags") or k.get("level")))
+
+
+def test_sync_order_with_sleep_mode_wakes_weights_then_syncs_then_wakes_kv_cache():
+    from mr1fast.vllm_sampler import VLLMSampler
+
+    s = object.__new__(VLLMSampler)
+    s.llm = _RecordingEngine(["a", "b"])
+    s.dtype, s.bucket_bytes, s.sleep_level = torch.float32, 8, 2
+    s._asleep, s._synced_once, s.sync_count = {"weights", "kv_cache"}, False, 0
+    tensors = [("a", torch.zeros(2)), ("b", torch.zeros(2))]  # 8 bytes each: 2 buckets
+    s.update_weights(tensors)
+    assert s.llm.calls == [("wake_up", ["weights"]), "mr1fast_begin_sync", "mr1fast_load",
+                           "mr1fast_load", "mr1fast_end_sync", "mr1fast_param_names",
+                           ("reset_prefix_cache", None), ("reset_encoder_cache", None),
+                           ("reset_mm_cache", None), ("wake_up", ["kv_cache"])]
+    assert s.needs_full_sync  # level 2 drops the weights: every sync carries all of them
+    s._sleep()
+    assert s.llm.calls[-1] == ("sleep", 2) and s._asleep == {"weights", "kv_cache"}
+
+    s.llm.calls.clear()
+    with pytest.raises(RuntimeError, match="do not cover"):
+        s.update_weights(tensors[:1])
+    assert "mr1fast_end_sync" in s.llm.calls  # the reload session is closed on every path
