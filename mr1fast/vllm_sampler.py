@@ -96,19 +96,12 @@ class WeightSyncExtension:
         return len(self.model_runner.encoder_cache)
 
 
-class _EngineEnv:
-    """Environment for an in-process engine; vLLM reads these when the engine starts."""
-
-    def __init__(self, cpu_kv_cache_gb: int):
-        self.values = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-        if not torch.cuda.is_available():
-            self.values["VLLM_CPU_KVCACHE_SPACE"] = str(int(cpu_kv_cache_gb))
-
-    def __enter__(self):
-        os.environ.update(self.values)
-
-    def __exit__(self, *exc):
-        return False
+def _engine_env(cpu_kv_cache_gb: int) -> None:
+    """Environment for an in-process engine. Left set: vLLM reads these when an engine starts
+    and may read them again later in this process."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if not torch.cuda.is_available():
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(cpu_kv_cache_gb))
 
 
 class VLLMSampler:
@@ -165,18 +158,18 @@ class VLLMSampler:
         saved = (torch.get_rng_state(), random.getstate(), np.random.get_state(),
                  torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         try:
-            with _EngineEnv(cpu_kv_cache_gb):
-                llm = LLM(model=str(model_path),
-                          dtype="float32" if dtype == torch.float32 else "bfloat16",
-                          max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                          limit_mm_per_prompt={"image": 1, "video": 0},
-                          enforce_eager=enforce_eager, seed=seed,
-                          worker_extension_cls="mr1fast.vllm_sampler.WeightSyncExtension",
-                          logprobs_mode="processed_logprobs",
-                          distributed_executor_backend="uni",
-                          # Sampling settings come from the trainer's config only, never from
-                          # the checkpoint's generation_config.json.
-                          generation_config="vllm", **kwargs)
+            _engine_env(cpu_kv_cache_gb)
+            llm = LLM(model=str(model_path),
+                      dtype="float32" if dtype == torch.float32 else "bfloat16",
+                      max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                      limit_mm_per_prompt={"image": 1, "video": 0},
+                      enforce_eager=enforce_eager, seed=seed,
+                      worker_extension_cls="mr1fast.vllm_sampler.WeightSyncExtension",
+                      logprobs_mode="processed_logprobs",
+                      distributed_executor_backend="uni",
+                      # Sampling settings come from the trainer's config only, never from
+                      # the checkpoint's generation_config.json.
+                      generation_config="vllm", **kwargs)
         finally:
             torch.set_rng_state(saved[0])
             random.setstate(saved[1])

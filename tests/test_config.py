@@ -78,6 +78,12 @@ def test_overrides_parse_yaml_values_and_set_one_mapping_entry():
     ("grpo.explore_ratio=1.5", "grpo.explore_ratio"),
     ("grpo.top_k=-1", "grpo.top_k: expected >= 0"),
     ("model.dtype=fp16", "model.dtype: expected one of"),
+    ("sampler=sglang", "sampler: expected one of"),
+    ("vllm.importance_sampling=seq", "vllm.importance_sampling: expected one of"),
+    ("vllm.is_cap=0", "vllm.is_cap: expected > 0"),
+    ("vllm.sync_every=0", "vllm.sync_every: expected > 0"),
+    ("vllm.gpu_memory_utilization=1.5", "vllm.gpu_memory_utilization"),
+    ("vllm.sleep_level=3", "vllm.sleep_level: expected one of"),
 ])
 def test_bad_overrides_are_rejected_with_the_key(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -99,3 +105,11 @@ def test_defaults_are_the_paper_and_r1v_settings():
     assert cfg.grpo.eps_low == 0.2 and cfg.grpo.max_completion_length == 512
     assert cfg.grpo.rewards == {"accuracy": 1.0, "format": 1.0}
     assert from_dict({}).grpo.explore_ratio == 0.3
+
+
+def test_a_level_2_sleep_needs_a_sync_every_step():
+    assert load_config(None, ["vllm.sleep_level=2"]).vllm.sync_every == 1
+    with pytest.raises(ValueError, match="vllm.sync_every"):
+        load_config(None, ["vllm.sleep_level=2", "vllm.sync_every=4"])
+    cfg = load_config(None, ["sampler=vllm", "vllm.importance_sampling=sequence"])
+    assert cfg.sampler == "vllm" and cfg.vllm.importance_sampling == "sequence"
