@@ -157,6 +157,11 @@ class VLLMSampler:
         # calls it around each prompt's image processing: thousands of identical lines a run.
         logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
             lambda record: "set_num_threads" not in record.getMessage())
+        # A sync of the trainable weights leaves the frozen layers (and weightless ones, rotary
+        # embeddings, the tied lm_head) as they are, by design; the reload warns for each of
+        # them on every sync. A full sync's coverage is checked in update_weights instead.
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+            lambda record: "Failed to load weights" not in record.getMessage())
 
         kwargs = dict(gpu_memory_utilization=gpu_memory_utilization) \
             if torch.cuda.is_available() else {}
