@@ -66,23 +66,25 @@ def main(argv=None) -> int:
                               [question(r["problem"]) for r in rows_data[:p]], device)
     records, rows = [], []
 
-    def shape_of(p, g, c):
-        return {"prompts": p, "G": g, "tokens": c, "model": Path(path).name}
+    def measure(name: str, sampler) -> dict:
+        """tokens/s per shape for one sampler; appends the records."""
+        rates = {}
+        for p, g, c in SHAPES:
+            prompts = encode(p)
+            params = SamplingParams(max_new_tokens=c, ignore_eos=True)
+            out = sampler.generate(prompts, g, params)
+            assert out.num_tokens == p * g * c, out.num_tokens
+            rates[(p, g, c)] = p * g * c / _median_time(
+                lambda: sampler.generate(prompts, g, params), args.repeats)
+            records.append(results.record(
+                "rollout", name, "generate",
+                {"prompts": p, "G": g, "tokens": c, "model": Path(path).name}, torch.float32,
+                "tokens_per_s", rates[(p, g, c)], "tok/s"))
+        return rates
 
     # transformers' generate first: the in-process vLLM engine binds threads when it starts.
-    hf = HFSampler(policy, encoder.stop_ids, encoder.tokenizer.pad_token_id,
-                   encoder.multimodal_ids)
-    hf_rates = {}
-    for p, g, c in SHAPES:
-        prompts = encode(p)
-        params = SamplingParams(max_new_tokens=c, ignore_eos=True)
-        out = hf.generate(prompts, g, params)
-        assert out.num_tokens == p * g * c, out.num_tokens
-        sec = _median_time(lambda: hf.generate(prompts, g, params), args.repeats)
-        hf_rates[(p, g, c)] = p * g * c / sec
-        records.append(results.record("rollout", "hf", "generate", shape_of(p, g, c),
-                                      torch.float32, "tokens_per_s", p * g * c / sec, "tok/s"))
-
+    hf_rates = measure("hf", HFSampler(policy, encoder.stop_ids, encoder.tokenizer.pad_token_id,
+                                       encoder.multimodal_ids))
     t0 = time.perf_counter()
     vllm = VLLMSampler(path, stop_ids=encoder.stop_ids, pad_id=encoder.tokenizer.pad_token_id,
                        suppress_ids=encoder.multimodal_ids,
@@ -91,15 +93,8 @@ def main(argv=None) -> int:
     sync_weights(vllm, policy)
     records.append(results.record("engine_start", "vllm", "init", {"model": Path(path).name},
                                   torch.float32, "seconds", start_s, "s"))
-    for p, g, c in SHAPES:
-        prompts = encode(p)
-        params = SamplingParams(max_new_tokens=c, ignore_eos=True)
-        out = vllm.generate(prompts, g, params)
-        assert out.num_tokens == p * g * c, out.num_tokens
-        sec = _median_time(lambda: vllm.generate(prompts, g, params), args.repeats)
-        rate = p * g * c / sec
-        records.append(results.record("rollout", "vllm", "generate", shape_of(p, g, c),
-                                      torch.float32, "tokens_per_s", rate, "tok/s"))
+    vllm_rates = measure("vllm", vllm)
+    for (p, g, c), rate in vllm_rates.items():
         rows.append(f"P={p:3d} G={g} C={c:4d}  hf {hf_rates[(p, g, c)]:9.0f} tok/s   "
                     f"vllm {rate:9.0f} tok/s   x{rate / hf_rates[(p, g, c)]:.2f}")
 
