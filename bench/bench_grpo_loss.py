@@ -1,16 +1,25 @@
-"""Fused GRPO-D loss, forward + backward: mr1fast's impls against naive (TRL's path), Liger's
-LigerFusedLinearGRPOLoss and, on a GPU, the same-run cuBLAS GEMM floor (logits, dH, dW: 6NdV).
+"""Kernel regression suite: the fused GRPO-D loss and token_logprobs, forward / backward /
+forward+backward, for each implementation, over shapes that scan N, d and V through a base
+point, so the growth of time and memory with each is visible.
 
-    pytest bench/bench_grpo_loss.py --benchmark-only [--save-results]
+    pytest bench/bench_grpo_loss.py --benchmark-only [--save-results]     (or: mr1fast bench)
 
-Records time (median ms), TFLOP/s (counting 6NdV and 8NdV) and extra peak memory: on CPU the
-peak RSS of a child process that runs one fwd+bwd, minus its RSS before; on CUDA the max
-allocated minus inputs minus the returned gradients. The last test checks the targets as
-ratios against naive measured in this same run.
+Providers: mr1fast's impls (triton on a GPU, torch, naive = TRL's full-logits path), Liger's
+LigerFusedLinearGRPOLoss (grpo_loss only, when installed) and, on a GPU, the same-run cuBLAS
+GEMM floor (the logits, dH and dW GEMMs alone). Records per measurement: time (median ms),
+achieved TFLOP/s (counting 2NdV forward, 4NdV backward, 6NdV both: the algorithmic minimum, so
+a recomputing kernel is not credited for its extra work) and peak memory beyond the inputs: on
+CUDA the max allocated minus inputs (and minus the returned gradients); on CPU the peak RSS of a
+child process that runs one measurement, minus its RSS before (forward and forward+backward).
+Mode fwd runs grpo_loss under autograd (as in training) and token_logprobs without it (as for
+the old-policy and reference log-probs); bwd times the backward alone, after an untimed forward.
+
+The CPU set takes a few minutes on 2 cores; the GPU set holds the Qwen2-VL-2B (d=1536,
+V=151936) and Qwen2.5-VL-7B (d=3584, V=152064) shapes. `bench/compare.py` checks a run against
+the device's committed baseline (ratios against naive from the same run).
 """
 import gc
 import multiprocessing as mp
-import resource
 
 import pytest
 import torch
@@ -20,18 +29,38 @@ import mr1fast
 
 ON_GPU = torch.cuda.is_available()
 BETA = 0.04
+MODES = ("fwd", "bwd", "fwd_bwd")
+FLOPS_PER_NDV = {"fwd": 2, "bwd": 4, "fwd_bwd": 6}
 
-CPU_SHAPES = {"cpu": dict(B=8, T=512, d=256, V=65536, dtype=torch.float32)}
+
+def _scan(base: dict, scans: dict, dtype) -> dict:
+    """The base shape and, for each axis, the base with that axis replaced: name -> shape."""
+    shapes = {}
+    for axis, values in [(None, [None])] + list(scans.items()):
+        for v in values:
+            s = dict(base, **({axis: v} if axis else {}))
+            shapes[f"N{s['N']}-d{s['d']}-V{s['V']}"] = dict(s, dtype=dtype)
+    return shapes
+
+
+CPU_SHAPES = _scan(dict(N=1024, d=128, V=16384),
+                   {"N": [4096], "d": [512], "V": [4096, 65536]}, torch.float32)
 GPU_SHAPES = {
-    "qwen2vl-2b": dict(B=16, T=1024, d=1536, V=151936, dtype=torch.bfloat16),
-    "qwen25vl-7b": dict(B=8, T=1024, d=3584, V=152064, dtype=torch.bfloat16),
+    **_scan(dict(N=16384, d=1536, V=151936),                      # Qwen2-VL-2B
+            {"N": [4096, 8192], "V": [32768, 65536]}, torch.bfloat16),
+    **_scan(dict(N=8192, d=3584, V=152064), {}, torch.bfloat16),  # Qwen2.5-VL-7B
 }
 SHAPES = GPU_SHAPES if ON_GPU else CPU_SHAPES
-PROVIDERS = (["triton", "torch", "naive", "liger", "cublas_floor"] if ON_GPU
-             else ["torch", "naive", "liger"])
+OPS = {"grpo_loss": (["triton", "torch", "naive", "liger", "cublas_floor"] if ON_GPU
+                     else ["torch", "naive", "liger"]),
+       "token_logprobs": ["triton", "torch", "naive"] if ON_GPU else ["torch", "naive"]}
+CASES = [(op, p, mode, s) for op, providers in OPS.items() for s in SHAPES for p in providers
+         for mode in MODES]
 
 
-def make_inputs(B, T, d, V, dtype, device):
+def make_inputs(N, d, V, dtype, device):
+    T = min(N, 512)
+    B = N // T
     g = torch.Generator(device="cpu").manual_seed(0)
     h = (torch.randn(B, T, d, generator=g) * 0.5).to(device, dtype).requires_grad_()
     w = (torch.randn(V, d, generator=g) / d ** 0.5).to(device, dtype).requires_grad_()
@@ -43,37 +72,63 @@ def make_inputs(B, T, d, V, dtype, device):
     return dict(h=h, w=w, y=y, adv=adv, old=old, ref=ref, mask=mask)
 
 
-def make_step(provider, x):
-    """A closure running one forward + backward of provider on inputs x."""
+def make_forward(op, provider, x):
+    """A closure computing the scalar to differentiate (forward only)."""
+    if op == "token_logprobs":
+        return lambda: mr1fast.token_logprobs(x["h"], x["w"], x["y"], impl=provider).sum()
     if provider in ("triton", "torch", "naive"):
-        def step():
-            loss, _ = mr1fast.grpo_loss(x["h"], x["w"], x["y"], x["adv"], mask=x["mask"],
-                                        old_logp=x["old"], ref_logp=x["ref"], beta=BETA,
-                                        impl=provider)
-            loss.backward()
-        return step
+        return lambda: mr1fast.grpo_loss(x["h"], x["w"], x["y"], x["adv"], mask=x["mask"],
+                                         old_logp=x["old"], ref_logp=x["ref"], beta=BETA,
+                                         impl=provider)[0]
     if provider == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
         fn = LigerFusedLinearGRPOLoss(beta=BETA, compiled=False, loss_type="grpo")
 
-        def step():
+        def forward():
             out = fn(x["h"], x["w"], x["y"], x["mask"], x["adv"], ref_per_token_logps=x["ref"],
                      old_per_token_logps=x["old"])
-            (out[0] if isinstance(out, tuple) else out).backward()
-        return step
-    if provider == "cublas_floor":
-        h2 = x["h"].detach().reshape(-1, x["h"].shape[-1])
-        w = x["w"].detach()
-        n, v = h2.shape[0], w.shape[0]
-        chunk = max(1, (1 << 28) // (n * 2))  # bounded logits chunk; the GEMMs are the same
-
-        def step():
-            for v0 in range(0, v, chunk):
-                logits = h2 @ w[v0:v0 + chunk].t()
-                _ = logits @ w[v0:v0 + chunk]        # dH
-                _ = logits.t() @ h2                  # dW
-        return step
+            return out[0] if isinstance(out, tuple) else out
+        return forward
     raise ValueError(provider)
+
+
+def cublas_floor(x, mode):
+    """The GEMMs alone (bounded logits chunks): forward logits; backward dH and dW."""
+    h2 = x["h"].detach().reshape(-1, x["h"].shape[-1])
+    w = x["w"].detach()
+    chunk = max(1, (1 << 28) // (h2.shape[0] * 2))
+
+    def run():
+        for v0 in range(0, w.shape[0], chunk):
+            logits = h2 @ w[v0:v0 + chunk].t()
+            if mode != "fwd":
+                _ = logits @ w[v0:v0 + chunk]   # dH
+                _ = logits.t() @ h2             # dW
+    return run
+
+
+def make_step(op, provider, mode, x):
+    """(setup, run): run is what is timed; setup (untimed) runs the forward for mode bwd."""
+    def clear():
+        for t in (x["h"], x["w"]):
+            t.grad = None
+
+    if provider == "cublas_floor":
+        return clear, cublas_floor(x, mode)
+    forward = make_forward(op, provider, x)
+    if mode == "fwd":
+        def run():
+            with torch.no_grad() if op == "token_logprobs" else torch.enable_grad():
+                forward()
+        return clear, run
+    if mode == "fwd_bwd":
+        return clear, lambda: forward().backward()
+    state = {}
+
+    def setup():
+        clear()
+        state["loss"] = forward()
+    return setup, lambda: state.pop("loss").backward()
 
 
 def _available(provider):
@@ -85,99 +140,112 @@ def _available(provider):
     return True
 
 
-def _child_extra_rss(provider, shape, queue):
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _child_extra_rss(case, queue):
+    """In a fresh process: RSS high-water mark of one measurement minus the RSS before it.
+    VmHWM (reset through clear_refs) belongs to this process's own memory map; ru_maxrss would
+    also count the parent's RSS at fork time, which Linux carries across exec."""
+    op, provider, mode, shape = case
     x = make_inputs(**shape, device="cpu")
-    step = make_step(provider, x)
+    setup, run = make_step(op, provider, mode, x)
     gc.collect()
-    import psutil
-    base = psutil.Process().memory_info().rss
-    step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    queue.put(max(0, peak - base))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current RSS
+    base = _status_kib("VmRSS")
+    setup()
+    run()
+    queue.put(max(0, _status_kib("VmHWM") - base) * 1024)
 
 
-def extra_peak_bytes(provider, shape, x=None):
+def extra_peak_bytes(op, provider, mode, shape, x):
+    """Peak memory of one measurement beyond its inputs (see the module docstring)."""
     if ON_GPU:
-        step = make_step(provider, x)
-        for t in (x["h"], x["w"]):
-            t.grad = None
+        setup, run = make_step(op, provider, mode, x)
+        setup()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        step()
+        run()
         torch.cuda.synchronize()
         grads = sum(t.grad.numel() * t.grad.element_size() for t in (x["h"], x["w"])
                     if t.grad is not None)
         return torch.cuda.max_memory_allocated() - base - grads
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child_extra_rss, args=(provider, shape, q))
+    p = ctx.Process(target=_child_extra_rss, args=((op, provider, mode, shape), q))
     p.start()
     value = q.get(timeout=900)
     p.join()
     return value
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape_name", list(SHAPES))
-def test_grpo_loss_fwd_bwd(benchmark, records, shape_name, provider):
+@pytest.mark.parametrize("op, provider, mode, shape_name", CASES,
+                         ids=[f"{o}-{p}-{m}-{s}" for o, p, m, s in CASES])
+def test_kernel(benchmark, records, op, provider, mode, shape_name):
     if not _available(provider):
         pytest.skip(f"{provider} not installed")
     shape = SHAPES[shape_name]
-    device = "cuda" if ON_GPU else "cpu"
-    x = make_inputs(**shape, device=device)
-    step = make_step(provider, x)
+    x = make_inputs(**shape, device="cuda" if ON_GPU else "cpu")
+    setup, run = make_step(op, provider, mode, x)
 
-    def run():
-        for t in (x["h"], x["w"]):
-            t.grad = None
-        step()
+    def timed():
+        run()
         if ON_GPU:
             torch.cuda.synchronize()
 
-    benchmark.pedantic(run, rounds=10 if ON_GPU else 3, warmup_rounds=1)
+    benchmark.pedantic(timed, setup=setup, rounds=10 if ON_GPU else 3, warmup_rounds=1)
     median = benchmark.stats.stats.median
-    n, d, v = shape["B"] * shape["T"], shape["d"], shape["V"]
-    dims = {k: shape[k] for k in ("B", "T", "d", "V")}
-    rec = [record("grpo_loss", provider, "fwd_bwd", dims, shape["dtype"], "time", median * 1e3,
-                  "ms")]
-    for k in (6, 8):
-        rec.append(record("grpo_loss", provider, "fwd_bwd", dims, shape["dtype"],
-                          f"tflops_{k}ndv", k * n * d * v / median / 1e12, "TFLOP/s"))
-    if provider != "cublas_floor":
-        extra = extra_peak_bytes(provider, shape, x)
-        rec.append(record("grpo_loss", provider, "fwd_bwd", dims, shape["dtype"],
-                          "extra_peak_memory", extra / 2 ** 20, "MiB"))
-        benchmark.extra_info["extra_peak_MiB"] = extra / 2 ** 20
-    records.extend(rec)
+    n, d, v = shape["N"], shape["d"], shape["V"]
+    dims = {"N": n, "d": d, "V": v}
+    records.append(record(op, provider, mode, dims, shape["dtype"], "time", median * 1e3, "ms"))
+    records.append(record(op, provider, mode, dims, shape["dtype"], "tflops",
+                          FLOPS_PER_NDV[mode] * n * d * v / median / 1e12, "TFLOP/s"))
+    if provider != "cublas_floor" and (ON_GPU or mode != "bwd"):
+        extra = extra_peak_bytes(op, provider, mode, shape, x) / 2 ** 20
+        records.append(record(op, provider, mode, dims, shape["dtype"], "extra_peak_memory",
+                              extra, "MiB"))
+        benchmark.extra_info["extra_peak_MiB"] = extra
 
 
-def _value(records, shape, impl, metric):
-    dims = {k: shape[k] for k in ("B", "T", "d", "V")}
+def _value(records, shape, op, impl, mode, metric):
+    dims = {k: shape[k] for k in ("N", "d", "V")}
     for r in records:
-        if r["impl"] == impl and r["metric"] == metric and r["shape"] == dims:
+        if (r["op"], r["impl"], r["mode"], r["metric"]) == (op, impl, mode, metric) \
+                and r["shape"] == dims:
             return r["value"]
-    pytest.skip(f"no {impl} {metric} measured in this run")
+    pytest.skip(f"no {op} {impl} {mode} {metric} measured in this run")
 
 
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_targets(benchmark, records, shape_name):
-    """Ratios against naive (and the GEMM floor on GPU), all measured in this run. (It takes
-    the benchmark fixture only so that --benchmark-only runs it.)"""
+    """The loss's targets as ratios against naive (and the GEMM floor on GPU), all measured in
+    this run. (It takes the benchmark fixture only so that --benchmark-only runs it.)"""
     shape = SHAPES[shape_name]
     ours = "triton" if ON_GPU else "torch"
-    t_ours, t_naive = _value(records, shape, ours, "time"), _value(records, shape, "naive", "time")
-    m_ours = _value(records, shape, ours, "extra_peak_memory")
-    m_naive = _value(records, shape, "naive", "extra_peak_memory")
+
+    def get(impl, metric):
+        return _value(records, shape, "grpo_loss", impl, "fwd_bwd", metric)
+
+    t_ours, t_naive = get(ours, "time"), get("naive", "time")
+    m_ours, m_naive = get(ours, "extra_peak_memory"), get("naive", "extra_peak_memory")
     print(f"\n{shape_name}: {ours}/naive time {t_ours / t_naive:.2f}x, "
-          f"extra peak {m_ours:.0f} / {m_naive:.0f} MiB = {m_ours / m_naive:.2f}x")
+          f"extra peak {m_ours:.0f} / {m_naive:.0f} MiB = {m_ours / max(m_naive, 1e-9):.2f}x")
     if ON_GPU:
-        floor = _value(records, shape, "cublas_floor", "time")
+        floor = get("cublas_floor", "time")
         print(f"{shape_name}: triton / cuBLAS floor {t_ours / floor:.2f}x")
         assert t_ours < t_naive
         assert t_ours <= 1.3 * floor, f"triton {t_ours:.1f} ms > 1.3 x floor {floor:.1f} ms"
-        if shape_name == "qwen2vl-2b":
+        if shape["d"] == 1536 and shape["V"] == 151936 and shape["N"] == 16384:
             assert m_ours <= 1.2 * 1024, f"extra peak {m_ours:.0f} MiB > 1.2 GiB"
-    else:
+    elif shape["N"] * shape["V"] * 4 >= 256 * 2 ** 20:
+        # Where the full fp32 logits reach the torch impl's 256 MiB chunk budget; below it,
+        # both keep everything and fixed costs decide.
         assert t_ours <= 1.5 * t_naive, f"torch impl {t_ours / t_naive:.2f}x naive's time"
-        assert m_ours < 0.25 * m_naive, f"torch impl extra peak {m_ours / m_naive:.2f}x naive's"
+        assert m_ours < 0.5 * m_naive, f"torch impl extra peak {m_ours / m_naive:.2f}x"

@@ -23,5 +23,5 @@ def records():
 
 def pytest_sessionfinish(session, exitstatus):
     if RECORDS and session.config.getoption("--save-results"):
-        path = results.write(RECORDS, "grpo_loss")
+        path = results.write(RECORDS, "kernels")
         print(f"\nresults written to {path}")
