@@ -59,9 +59,19 @@ def demo(steps: int, impl: str, seed: int) -> int:
 
 
 def bench(args: list[str]) -> int:
+    """The pytest-benchmark suite; with --compare, the run is saved and checked against the
+    device's baseline (bench/compare.py)."""
     root = Path(__file__).resolve().parent.parent
-    return subprocess.call([sys.executable, "-m", "pytest", str(root / "bench"),
+    check = "--compare" in args
+    args = [a for a in args if a != "--compare"] + (["--save-results"] if check else [])
+    code = subprocess.call([sys.executable, "-m", "pytest", str(root / "bench"),
                             "--benchmark-only", *args], cwd=root)
+    if not check or code != 0:
+        return code
+    runs = sorted((root / "bench" / "results").glob("*/kernels-*.json"),
+                  key=lambda p: p.stat().st_mtime)
+    return subprocess.call([sys.executable, str(root / "bench" / "compare.py"),
+                            str(runs[-1])], cwd=root)
 
 
 def run_command(cmd: str, config: str | None, output_dir: str | None,
@@ -110,7 +120,8 @@ def main(argv=None) -> int:
     d.add_argument("--steps", type=int, default=30)
     d.add_argument("--impl", default="auto", choices=["auto", "triton", "torch", "naive"])
     d.add_argument("--seed", type=int, default=0)
-    b = sub.add_parser("bench", help="run the benchmark suite (pytest-benchmark)")
+    b = sub.add_parser("bench", help="run the benchmark suite (pytest-benchmark); --compare "
+                       "checks it against the device's baseline")
     b.add_argument("pytest_args", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     if args.cmd in ("train", "sft", "eval"):
