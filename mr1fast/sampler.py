@@ -50,10 +50,14 @@ class Sampler(Protocol):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
 
 
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
 def resolve_sampler(name: str) -> str:
     """'auto' is vllm when vLLM is importable, else hf; an explicit 'vllm' without vLLM is an
     error that says how to install it."""
-    have_vllm = importlib.util.find_spec("vllm") is not None
+    have_vllm = vllm_available()
     if name == "auto":
         return "vllm" if have_vllm else "hf"
     if name == "vllm" and not have_vllm:

@@ -25,7 +25,6 @@ the running engine (it is re-synced before use), since starting one costs second
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import random
@@ -36,13 +35,9 @@ import numpy as np
 import torch
 
 from .model import PromptBatch
-from .sampler import Rollout, SamplingParams
+from .sampler import Rollout, SamplingParams, vllm_available  # noqa: F401 (re-export)
 
 _ENGINES: dict = {}  # engine settings -> LLM, shared within the process
-
-
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
 
 
 def _collapse(ids: list, token: int) -> list:
