@@ -23,6 +23,7 @@ import multiprocessing as mp
 
 import pytest
 import torch
+import results
 from results import record
 
 import mr1fast
@@ -140,28 +141,16 @@ def _available(provider):
     return True
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def _child_extra_rss(case, queue):
-    """In a fresh process: RSS high-water mark of one measurement minus the RSS before it.
-    VmHWM (reset through clear_refs) belongs to this process's own memory map; ru_maxrss would
-    also count the parent's RSS at fork time, which Linux carries across exec."""
+    """In a fresh process: RSS high-water mark of one measurement minus the RSS before it."""
     op, provider, mode, shape = case
     x = make_inputs(**shape, device="cpu")
     setup, run = make_step(op, provider, mode, x)
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the high-water mark to the current RSS
-    base = _status_kib("VmRSS")
+    base = results.reset_peak_rss()
     setup()
     run()
-    queue.put(max(0, _status_kib("VmHWM") - base) * 1024)
+    queue.put(max(0, results.status_kib("VmHWM") - base) * 1024)
 
 
 def extra_peak_bytes(op, provider, mode, shape, x):

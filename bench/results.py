@@ -59,3 +59,22 @@ def write(records: list[dict], name: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=1) + "\n")
     return out
+
+
+def status_kib(field: str) -> int:
+    """A /proc/self/status memory field (VmRSS, VmHWM, ...) in KiB (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> int:
+    """Resets this process's RSS high-water mark (VmHWM) to its current RSS; returns that RSS
+    in KiB. VmHWM belongs to this process's own memory map; ru_maxrss would also count a
+    parent's RSS at fork time, which Linux carries across exec."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_kib("VmRSS")
+

@@ -3,8 +3,8 @@
   mr1fast train [--config FILE.yaml] [--output-dir DIR] [section.key=value ...]   GRPO / GRPO-D
   mr1fast sft   [--config FILE.yaml] [--output-dir DIR] [section.key=value ...]   SFT baseline
   mr1fast eval  [--config FILE.yaml] [--output-dir DIR] [section.key=value ...]   cross-task matrix
-  mr1fast init-model --preset tiny OUT                                            tiny Qwen2-VL
-  mr1fast demo | bench                                     toy loss demo | benchmark suite
+  mr1fast init-model [--preset tiny|tiny-v152k|qwen2-vl-2b] OUT          random-weight Qwen2-VL
+  mr1fast demo | bench [step|rollout]          toy loss demo | kernel suite (step, rollout)
 
 Without --config, train/sft/eval run the embedded default: the tiny local model on synthetic
 counting data (mr1fast.config.embedded_default)."""
@@ -60,8 +60,12 @@ def demo(steps: int, impl: str, seed: int) -> int:
 
 def bench(args: list[str]) -> int:
     """The pytest-benchmark suite; with --compare, the run is saved and checked against the
-    device's baseline (bench/compare.py)."""
+    device's baseline (bench/compare.py). `bench step ...` / `bench rollout ...` run the
+    end-to-end step benchmark (with TRL side by side) / the rollout benchmark instead."""
     root = Path(__file__).resolve().parent.parent
+    if args and args[0] in ("step", "rollout"):
+        return subprocess.call([sys.executable, str(root / "bench" / f"{args[0]}.py"),
+                                *args[1:]], cwd=root)
     check = "--compare" in args
     args = [a for a in args if a != "--compare"] + (["--save-results"] if check else [])
     code = subprocess.call([sys.executable, "-m", "pytest", str(root / "bench"),
@@ -112,16 +116,19 @@ def main(argv=None) -> int:
         c.add_argument("--config", help="recipe YAML (configs/); default: the embedded default")
         c.add_argument("--output-dir", help="run directory (overrides output_dir)")
         c.add_argument("overrides", nargs="*", metavar="section.key=value")
-    m = sub.add_parser("init-model", help="write a tiny random-weight Qwen2-VL checkpoint")
+    m = sub.add_parser("init-model", help="write a random-weight Qwen2-VL checkpoint (tiny "
+                       "local model, or a benchmark preset)")
     m.add_argument("out")
-    m.add_argument("--preset", default="tiny")
+    m.add_argument("--preset", default="tiny", help="tiny | tiny-v152k (Qwen's vocabulary) | "
+                   "qwen2-vl-2b (Qwen2-VL-2B's dimensions)")
     m.add_argument("--seed", type=int, default=0)
     d = sub.add_parser("demo", help="train a toy policy with the fused GRPO-D loss")
     d.add_argument("--steps", type=int, default=30)
     d.add_argument("--impl", default="auto", choices=["auto", "triton", "torch", "naive"])
     d.add_argument("--seed", type=int, default=0)
-    b = sub.add_parser("bench", help="run the benchmark suite (pytest-benchmark); --compare "
-                       "checks it against the device's baseline")
+    b = sub.add_parser("bench", help="run the kernel benchmark suite (pytest-benchmark; "
+                       "--compare checks it against the device's baseline); `bench step`: the "
+                       "end-to-end GRPO-D step beside TRL; `bench rollout`: vLLM vs generate")
     b.add_argument("pytest_args", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     if args.cmd in ("train", "sft", "eval"):

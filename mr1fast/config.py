@@ -19,7 +19,8 @@ import yaml
 
 @dataclass
 class ModelConfig:
-    name: str = "Qwen/Qwen2-VL-2B-Instruct"  # hub id, local path, or "tiny" (built and cached)
+    name: str = "Qwen/Qwen2-VL-2B-Instruct"  # hub id, local path, or a random-weight preset
+                                             # (model.PRESETS: tiny, tiny-v152k, qwen2-vl-2b)
     dtype: str = "auto"                      # auto (bf16 on GPU, fp32 on CPU), bf16, fp32
     device: str = "auto"
     gradient_checkpointing: bool = True
@@ -49,6 +50,7 @@ class GRPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    ignore_eos: bool = False          # fixed-length completions (benchmarks: equal work per step)
     lr: float = 1e-6
     lr_schedule: str = "constant"     # constant, linear, cosine
     warmup_ratio: float = 0.0

@@ -45,13 +45,25 @@ _TOKENIZER_CORPUS = [
     "user assistant system red green blue yellow purple cyan grey the a of is are and so",
 ]
 
+_TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=2, num_key_value_heads=1, vision_depth=1, vision_embed_dim=64,
+             vision_heads=2, vision_mlp_ratio=2, min_pixels=56 * 56, max_pixels=112 * 112)
+# vocab_size is the tokenizer's (trained here); model_vocab, when given, widens the model's
+# embedding and LM head beyond it (ids the tokenizer never makes, as in Qwen's padded vocab).
 PRESETS = {
     # ~0.6 M parameters: 2 decoder layers (head_dim 32, the smallest vLLM's CPU attention
     # takes), a 1-block vision tower; a 112x112 image becomes 16 image tokens.
-    "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=2, num_key_value_heads=1, vision_depth=1,
-                 vision_embed_dim=64, vision_heads=2, min_pixels=56 * 56,
-                 max_pixels=112 * 112),
+    "tiny": _TINY,
+    # The tiny model with Qwen2-VL's vocabulary (151936): the LM head and the loss then take
+    # their realistic share of a step (~9.7 M of its ~10 M parameters). For benchmarks.
+    "tiny-v152k": dict(_TINY, model_vocab=151936),
+    # Qwen2-VL-2B-Instruct's dimensions (~2.2 B parameters) with random weights, saved in bf16:
+    # GPU benchmarks without hub access. 448x448 images become 256 image tokens.
+    "qwen2-vl-2b": dict(vocab_size=1024, model_vocab=151936, hidden_size=1536,
+                        intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                        num_key_value_heads=2, vision_depth=32, vision_embed_dim=1280,
+                        vision_heads=16, vision_mlp_ratio=4, min_pixels=56 * 56,
+                        max_pixels=448 * 448, dtype="bfloat16"),
 }
 
 
@@ -60,7 +72,7 @@ def init_tiny_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0) ->
     processor to `out_dir`, in the Hugging Face layout that transformers and vLLM load offline.
     Atomic: built in a temporary folder, then renamed."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import PreTrainedTokenizerFast, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if preset not in PRESETS:
@@ -79,28 +91,13 @@ def init_tiny_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0) ->
     tok.chat_template = CHAT_TEMPLATE
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
 
-    head_dim = p["hidden_size"] // p["num_attention_heads"]
-    quarter = head_dim // 2 // 4  # mrope_section (t, h, w) must sum to head_dim / 2
-    config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(tok), hidden_size=p["hidden_size"],
-            intermediate_size=p["intermediate_size"], num_hidden_layers=p["num_hidden_layers"],
-            num_attention_heads=p["num_attention_heads"],
-            num_key_value_heads=p["num_key_value_heads"], max_position_embeddings=4096,
-            rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                                 mrope_section=[quarter, quarter * 3 // 2,
-                                                head_dim // 2 - quarter - quarter * 3 // 2]),
-            tie_word_embeddings=True, bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=p["vision_depth"], embed_dim=p["vision_embed_dim"],
-                           hidden_size=p["hidden_size"], num_heads=p["vision_heads"],
-                           mlp_ratio=2, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, in_channels=3),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
+    config = preset_config(preset, ids, len(tok))
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
+    dtype = getattr(torch, p.get("dtype", "float32"))
+    # The 2B-sized preset initializes on the GPU when there is one (minutes on CPU).
+    build_on = "cuda" if dtype != torch.float32 and torch.cuda.is_available() else "cpu"
+    with torch.device(build_on):
+        model = Qwen2VLForConditionalGeneration(config).to(dtype)
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     image_processor = Qwen2VLImageProcessorPil(min_pixels=p["min_pixels"],
@@ -119,6 +116,33 @@ def init_tiny_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0) ->
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def preset_config(preset: str, ids: dict, tokenizer_vocab: int):
+    """The Qwen2VLConfig of a preset; `ids`: special token -> id in the tokenizer."""
+    from transformers import Qwen2VLConfig
+
+    p = PRESETS[preset]
+    head_dim = p["hidden_size"] // p["num_attention_heads"]
+    quarter = head_dim // 2 // 4  # mrope_section (t, h, w) must sum to head_dim / 2
+    return Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=p.get("model_vocab", tokenizer_vocab), hidden_size=p["hidden_size"],
+            intermediate_size=p["intermediate_size"], num_hidden_layers=p["num_hidden_layers"],
+            num_attention_heads=p["num_attention_heads"],
+            num_key_value_heads=p["num_key_value_heads"], max_position_embeddings=4096,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                 mrope_section=[quarter, quarter * 3 // 2,
+                                                head_dim // 2 - quarter - quarter * 3 // 2]),
+            tie_word_embeddings=True, bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=p["vision_depth"], embed_dim=p["vision_embed_dim"],
+                           hidden_size=p["hidden_size"], num_heads=p["vision_heads"],
+                           mlp_ratio=p["vision_mlp_ratio"], patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, in_channels=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
 
 
 def _save_image_processor(image_processor, out_dir: Path) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from .config import Config
 from .data import Example, load_examples, question, resolve_source
-from .model import PromptEncoder, init_tiny_model
+from .model import PRESETS, PromptEncoder, init_tiny_model
 
 
 def log(msg: str) -> None:
@@ -24,14 +24,15 @@ def cache_dir(cfg: Config) -> Path:
 
 
 def resolve_model(name: str, cfg: Config) -> str:
-    """'tiny' is the random-weight tiny Qwen2-VL, built once into the cache; anything else is a
-    hub id or a local path, passed through."""
-    if name != "tiny":
+    """A preset name ('tiny', 'tiny-v152k', 'qwen2-vl-2b': mr1fast.model.PRESETS) is a
+    random-weight Qwen2-VL built once into the cache; anything else is a hub id or a local
+    path, passed through."""
+    if name not in PRESETS:
         return name
-    path = cache_dir(cfg) / f"tiny-qwen2vl-seed{cfg.seed}"
+    path = cache_dir(cfg) / f"{name}-qwen2vl-seed{cfg.seed}"
     if not (path / "config.json").is_file():
-        log(f"building the tiny model in {path}")
-        init_tiny_model(path, seed=cfg.seed)
+        log(f"building the {name} model in {path}")
+        init_tiny_model(path, preset=name, seed=cfg.seed)
     return str(path)
 
 

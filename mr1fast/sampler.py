@@ -79,7 +79,9 @@ def completion_mask(ids: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
 class _SampledLogprobs:
     """A logits processor that records the log-prob of each sampled token without keeping
     the [B, V] scores of every step (which output_scores would: ~40 GB at B=128, V=151936,
-    512 tokens). It holds one step's log-softmax until the next call shows the sampled token.
+    512 tokens). It keeps a reference to one step's scores (no copy: the processors after it
+    and the sampling step are out-of-place) until the next call shows the sampled token, then
+    takes score/T - logsumexp(scores/T) of that token alone: no [B, V] log-softmax per step.
     transformers applies temperature / top-k / top-p after custom processors, so the
     temperature is applied here; the log-probs are those of the suppressed, temperature-scaled
     distribution (top-k / top-p truncation, off by default, is not reflected)."""
@@ -89,17 +91,23 @@ class _SampledLogprobs:
         self.previous = None
         self.steps: list[torch.Tensor] = []
 
+    def _record(self, tokens: torch.Tensor) -> None:
+        scores = self.previous.float()
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        self.steps.append(scores.gather(-1, tokens).squeeze(-1) - torch.logsumexp(scores, -1))
+        self.previous = None
+
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.previous is not None:
-            self.steps.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
-        self.previous = torch.log_softmax(scores.float() / self.temperature, -1)
+            self._record(input_ids[:, -1:])
+        self.previous = scores
         return scores
 
     def finish(self, ids: torch.Tensor) -> torch.Tensor:
         """[B, C] fp32 log-probs of the generated ids."""
         if self.previous is not None:
-            self.steps.append(self.previous.gather(-1, ids[:, -1:]).squeeze(-1))
-            self.previous = None
+            self._record(ids[:, -1:])
         if not self.steps:
             return torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
         return torch.stack(self.steps, 1)

@@ -209,7 +209,7 @@ def train_grpo(cfg: Config, *, on_step: Optional[Callable[[int, dict], None]] = 
         f"{time.perf_counter() - t_sync:.2f} s)")
     use_is = not isinstance(sampler, HFSampler) and cfg.vllm.importance_sampling != "none"
     params = SamplingParams(max_new_tokens=g.max_completion_length, temperature=g.temperature,
-                            top_p=g.top_p, top_k=g.top_k)
+                            top_p=g.top_p, top_k=g.top_k, ignore_eos=g.ignore_eos)
     rewards = RewardRunner({k: float(v) for k, v in g.rewards.items()},
                            timeout_s=g.reward_timeout_s, log=log)
     guard = NonFiniteGuard(g.max_bad_steps)

@@ -1,0 +1,353 @@
+"""End-to-end GRPO-D step benchmark, and the same step in TRL's GRPOTrainer side by side.
+
+One step = rollout (transformers' generate, fixed-length: every completion has exactly C
+tokens) + rewards (accuracy + format) + reference log-probs + one optimizer update, on P
+prompts x G completions of synthetic counting data. Both trainers get the same checkpoint, the
+same data generator, P, G, C, beta > 0 (so a reference model), mu = 1, the whole batch in one
+micro-batch, a frozen vision tower, fp32 on CPU. Each (trainer, model) runs in its own child
+process: `warmup` steps, then `steps` measured ones. Reported per trainer and model (medians
+over the measured steps):
+  tokens_per_s    completion tokens (P*G*C) / step seconds
+  *_s             seconds per phase: rollout (prompt encoding + generate), reward (decode +
+                  reward functions), ref (reference log-probs, advantages), update (policy
+                  forward + backward + optimizer step), step (all of it)
+  peak_memory     CPU: the process's peak RSS over the measured steps (weights, optimizer
+                  state and libraries included); CUDA: max_memory_allocated
+  step_memory     that peak minus the memory in use when the measured steps began
+
+mr1fast runs its real trainer (mr1fast.train.train_grpo); TRL runs GRPOTrainer(use_vllm=False),
+phases timed by wrapping its _generate, _calculate_rewards and _generate_and_score_completions.
+
+    python bench/step.py                             # both trainers, tiny and tiny-v152k
+    python bench/step.py --models qwen2-vl-2b --trainers mr1fast --dtype bf16   # GPU
+    mr1fast bench step [same options]
+
+Writes bench/results/<device>/step-<date>-<commit>.json with --save-results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import results  # noqa: E402
+
+PHASES = ("rollout_s", "reward_s", "ref_s", "update_s", "step_s")
+TRAINERS = ("mr1fast", "trl")
+# Issue 5's targets for the 151936-vocabulary model: mr1fast / TRL.
+TARGETS = {"tokens_per_s": 2.0, "peak_memory": 0.5}
+
+
+class Memory:
+    """Peak memory from `start()` (the first measured step) to `peak()`, in MiB."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.base = 0.0
+
+    def start(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated() / 2**20
+        else:
+            self.base = results.reset_peak_rss() / 1024
+
+    def peak(self) -> float:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20
+        return results.status_kib("VmHWM") / 1024
+
+
+class StepRecorder:
+    """Collects the measured steps' phases; starts the memory window after the warm-up."""
+
+    def __init__(self, args, memory: Memory):
+        self.args, self.memory = args, memory
+        self.steps: list[dict] = []
+        self.peak = None
+
+    def step_done(self, step: int, phases: dict, completion_length: float) -> None:
+        if abs(completion_length - self.args.tokens) > 1e-6:
+            raise RuntimeError(f"step {step}: mean completion length {completion_length}, "
+                               f"expected the fixed {self.args.tokens}")
+        if step == self.args.warmup:
+            self.memory.start()
+        elif self.args.warmup < step <= self.args.warmup + self.args.steps:
+            self.steps.append(phases)
+            if step == self.args.warmup + self.args.steps:
+                self.peak = self.memory.peak()
+
+    def result(self) -> dict:
+        if self.peak is None:
+            raise RuntimeError(f"only {len(self.steps)} of {self.args.steps} steps measured")
+        return {"steps": self.steps, "peak_memory": self.peak,
+                "step_memory": self.peak - self.memory.base}
+
+
+def run_mr1fast(args, recorder: StepRecorder) -> None:
+    from mr1fast.config import embedded_default, from_dict
+    from mr1fast.train import train_grpo
+
+    # One step past the measured ones: the run's final checkpoint is saved at its last step,
+    # outside the measurement.
+    cfg = from_dict({
+        "model": {"name": args.model_path, "device": args.device, "dtype": args.dtype,
+                  "freeze_vision": True, "gradient_checkpointing": False},
+        "data": {"train": "synthetic:counting", "synthetic_size": args.rows,
+                 "max_prompt_length": 4096},
+        "grpo": {"num_generations": args.G, "prompts_per_step": args.prompts,
+                 "micro_batch_size": 0, "max_steps": args.warmup + args.steps + 1,
+                 "max_completion_length": args.tokens, "ignore_eos": True, "lr": args.lr,
+                 "sft_warmup_steps": 0, "beta_schedule": "grpo_d", "loss_type": "grpo"},
+        "eval": {"tasks": {}},
+        "log": {"save_every": 10**9, "progress": False},
+        "sampler": "hf", "seed": args.seed, "output_dir": args.work_dir,
+        "cache_dir": args.work_dir,
+    }, base=embedded_default())
+
+    def on_step(step, m):
+        recorder.step_done(step, {"rollout_s": m["rollout_s"], "reward_s": m["reward_s"],
+                                  "ref_s": m["ref_s"], "update_s": m["update_s"] + m["sync_s"],
+                                  "step_s": m["step_seconds"]}, m["completion_length"])
+
+    train_grpo(cfg, on_step=on_step)
+
+
+def run_trl(args, recorder: StepRecorder) -> None:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoProcessor, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from mr1fast.data import make_counting, question
+    from mr1fast.model import load_model
+    from mr1fast.rewards import accuracy_reward, format_reward
+
+    rows = make_counting(args.rows, seed=args.seed)
+    data = Dataset.from_list([
+        {"prompt": [{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": question(r["problem"])}]}],
+         "image": r["image"], "solution": r["solution"]} for r in rows])
+
+    def accuracy(completions, solution, **_):
+        return accuracy_reward([c[0]["content"] for c in completions], solution)
+
+    def format_(completions, **_):
+        return format_reward([c[0]["content"] for c in completions])
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = load_model(args.model_path, device=torch.device(args.device), dtype=dtype,
+                       freeze_vision=True)
+    timers = {"rollout_s": 0.0, "reward_s": 0.0, "prepare_s": 0.0}
+
+    def timed(method, key):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return method(*a, **k)
+            finally:
+                timers[key] += time.perf_counter() - t0
+        return wrapper
+
+    class Steps(TrainerCallback):
+        t0 = 0.0
+        length = None
+
+        def on_step_begin(self, *_, **__):
+            timers.update(rollout_s=0.0, reward_s=0.0, prepare_s=0.0)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **_):
+            step_s = time.perf_counter() - self.t0
+            lengths = trainer._metrics["train"]["completions/mean_length"]
+            recorder.step_done(state.global_step, {
+                "rollout_s": timers["rollout_s"], "reward_s": timers["reward_s"],
+                "ref_s": timers["prepare_s"] - timers["rollout_s"] - timers["reward_s"],
+                "update_s": step_s - timers["prepare_s"], "step_s": step_s}, lengths[-1])
+
+    config = GRPOConfig(
+        output_dir=args.work_dir, per_device_train_batch_size=args.prompts * args.G,
+        num_generations=args.G, max_completion_length=args.tokens,
+        generation_kwargs={"min_new_tokens": args.tokens}, temperature=1.0, top_p=1.0, top_k=0,
+        beta=0.04, num_iterations=1, loss_type="grpo", learning_rate=args.lr,
+        max_steps=args.warmup + args.steps, logging_steps=1, save_strategy="no",
+        report_to="none", use_cpu=args.device == "cpu", bf16=args.dtype == "bf16",
+        gradient_checkpointing=False, seed=args.seed, disable_tqdm=True,
+        dataloader_num_workers=0, model_init_kwargs={"dtype": dtype})
+    trainer = GRPOTrainer(model=model, reward_funcs=[accuracy, format_], args=config,
+                          train_dataset=data,
+                          processing_class=AutoProcessor.from_pretrained(args.model_path),
+                          callbacks=[Steps()])
+    trainer._generate = timed(trainer._generate, "rollout_s")
+    trainer._calculate_rewards = timed(trainer._calculate_rewards, "reward_s")
+    trainer._generate_and_score_completions = timed(trainer._generate_and_score_completions,
+                                                    "prepare_s")
+    trainer.train()
+
+
+def child(args) -> int:
+    import mr1fast  # noqa: F401  (the torchvision shim, before transformers and trl)
+    import torch
+
+    torch.manual_seed(args.seed)
+    recorder = StepRecorder(args, Memory(args.device))
+    (run_mr1fast if args.child == "mr1fast" else run_trl)(args, recorder)
+    Path(args.out).write_text(json.dumps(recorder.result()))
+    return 0
+
+
+def summarize(raw: dict) -> dict:
+    """Medians over the measured steps, tokens/s and memory of one child's output."""
+    out = {k: statistics.median(s[k] for s in raw["steps"]) for k in PHASES}
+    out["tokens_per_s"] = raw["tokens"] / out["step_s"]
+    out["peak_memory"], out["step_memory"] = raw["peak_memory"], raw["step_memory"]
+    return out
+
+
+def trainer_available(name: str) -> bool:
+    if name == "mr1fast":
+        return True
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None
+
+
+def measure(trainer: str, model_path: str, args, work: Path) -> dict:
+    """Runs one (trainer, model) in a child process; its summarized measurements."""
+    out = work / f"{trainer}-{Path(model_path).name}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", trainer,
+           "--model-path", model_path, "--out", str(out), "--work-dir",
+           str(work / f"run-{trainer}-{Path(model_path).name}")]
+    for k in ("prompts", "G", "tokens", "steps", "warmup", "seed", "rows", "device", "dtype",
+              "lr"):
+        cmd += [f"--{k}", str(getattr(args, k))]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, env=env, capture_output=not args.verbose, text=True)
+    if proc.returncode != 0:
+        tail = "" if args.verbose else (proc.stdout + proc.stderr)[-4000:]
+        raise RuntimeError(f"{trainer} on {model_path} failed (exit {proc.returncode}):\n{tail}")
+    raw = json.loads(out.read_text())
+    raw["tokens"] = args.prompts * args.G * args.tokens
+    return summarize(raw)
+
+
+def table(rows: dict, models: list[str], trainers: list[str]) -> list[str]:
+    """Per model: each trainer's numbers and, with both, mr1fast / TRL."""
+    lines = []
+    head = f"{'model':12} {'trainer':8} {'tok/s':>9} {'step s':>8} {'rollout':>8} " \
+           f"{'reward':>8} {'ref':>8} {'update':>8} {'peak MiB':>9} {'step MiB':>9}"
+    for m in models:
+        lines.append(head)
+        for t in trainers:
+            r = rows[(t, m)]
+            lines.append(f"{m:12} {t:8} {r['tokens_per_s']:9.0f} {r['step_s']:8.3f} "
+                         f"{r['rollout_s']:8.3f} {r['reward_s']:8.3f} {r['ref_s']:8.3f} "
+                         f"{r['update_s']:8.3f} {r['peak_memory']:9.0f} "
+                         f"{r['step_memory']:9.0f}")
+        if len(trainers) == 2:
+            a, b = rows[("mr1fast", m)], rows[("trl", m)]
+            ratio = {k: a[k] / b[k] if b[k] > 0 else float("nan") for k in a}
+            lines.append(f"{m:12} {'x of TRL':8} {ratio['tokens_per_s']:9.2f} "
+                         f"{ratio['step_s']:8.2f} {ratio['rollout_s']:8.2f} "
+                         f"{ratio['reward_s']:8.2f} {ratio['ref_s']:8.2f} "
+                         f"{ratio['update_s']:8.2f} {ratio['peak_memory']:9.2f} "
+                         f"{ratio['step_memory']:9.2f}")
+            if m == "tiny-v152k":
+                met = [f"{k} x{ratio[k]:.2f} (target {'>=' if k == 'tokens_per_s' else '<='} "
+                       f"{v}): {'met' if (ratio[k] >= v if k == 'tokens_per_s' else ratio[k] <= v) else 'NOT met'}"
+                       for k, v in TARGETS.items()]
+                lines.append("targets: " + "; ".join(met))
+        lines.append("")
+    return lines
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="tiny,tiny-v152k",
+                    help="comma-separated presets (mr1fast.model.PRESETS) or checkpoint paths")
+    ap.add_argument("--trainers", default="mr1fast,trl")
+    ap.add_argument("--prompts", type=int, default=4, help="P prompts per step")
+    ap.add_argument("--G", type=int, default=8, help="completions per prompt")
+    ap.add_argument("--tokens", type=int, default=64, help="C tokens per completion (fixed)")
+    ap.add_argument("--steps", type=int, default=3, help="measured steps")
+    ap.add_argument("--warmup", type=int, default=1, help="steps before the measured ones")
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rows", type=int, default=64, help="synthetic counting rows")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--save-results", action="store_true")
+    ap.add_argument("--verbose", action="store_true", help="show the children's output")
+    ap.add_argument("--child", choices=TRAINERS, help=argparse.SUPPRESS)
+    ap.add_argument("--model-path", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--work-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    for k in ("prompts", "G", "tokens", "steps", "rows"):
+        if getattr(args, k) < 1:
+            ap.error(f"--{k} must be >= 1, got {getattr(args, k)}")
+    if args.warmup < 0:
+        ap.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.rows < args.prompts:
+        ap.error(f"--rows ({args.rows}) must be >= --prompts ({args.prompts})")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if args.child:
+        return child(args)
+    import torch
+
+    from mr1fast.model import PRESETS, init_tiny_model
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    models = [m for m in args.models.split(",") if m]
+    trainers = [t for t in args.trainers.split(",") if t]
+    bad = [t for t in trainers if t not in TRAINERS]
+    if bad:
+        raise SystemExit(f"--trainers: unknown {bad}; expected some of {list(TRAINERS)}")
+    missing = [t for t in trainers if not trainer_available(t)]
+    if missing:
+        print(f"skipping {missing}: not installed (pip install -e '.[dev]')", file=sys.stderr)
+        trainers = [t for t in trainers if t not in missing]
+    rows, records = {}, []
+    with tempfile.TemporaryDirectory(prefix="mr1fast-step-") as tmp:
+        work = Path(tmp)
+        for m in models:
+            path = str(init_tiny_model(work / m, preset=m, seed=args.seed)) if m in PRESETS \
+                else m
+            for t in trainers:
+                print(f"[step] {t} on {m}: {args.warmup} warm-up + {args.steps} measured "
+                      f"steps of {args.prompts}x{args.G}x{args.tokens} tokens", file=sys.stderr,
+                      flush=True)
+                rows[(t, m)] = r = measure(t, path, args, work)
+                shape = {"model": m, "prompts": args.prompts, "G": args.G,
+                         "tokens": args.tokens, "device": args.device}
+                for k, v in r.items():
+                    unit = "MiB" if k.endswith("memory") else "tok/s" if k == "tokens_per_s" \
+                        else "s"
+                    records.append(results.record("grpo_step", t, "step", shape, args.dtype, k,
+                                                  v, unit))
+    print("\n".join(table(rows, models, trainers)))
+    if args.save_results:
+        print(f"results written to {results.write(records, 'step')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
