@@ -25,6 +25,11 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-")
 
 
+def device_dir() -> Path:
+    """bench/results/<this device>/."""
+    return RESULTS_DIR / _slug(device_name())
+
+
 def versions() -> dict:
     """Installed versions (package metadata: nothing is imported)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -57,7 +62,7 @@ def write(records: list[dict], name: str) -> Path:
     dev, ver, sha = device_name(), versions(), commit()
     for r in records:
         r.update(device=dev, versions=ver, commit=sha, date=now.isoformat(timespec="seconds"))
-    out = RESULTS_DIR / _slug(dev) / f"{name}-{now:%Y%m%d-%H%M%S}-{sha}.json"
+    out = device_dir() / f"{name}-{now:%Y%m%d-%H%M%S}-{sha}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=1) + "\n")
     return out

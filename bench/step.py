@@ -165,7 +165,6 @@ def run_trl(args, recorder: StepRecorder) -> None:
 
     class Steps(TrainerCallback):
         t0 = 0.0
-        length = None
 
         def on_step_begin(self, *_, **__):
             timers.update(rollout_s=0.0, reward_s=0.0, prepare_s=0.0)
@@ -299,7 +298,9 @@ def parse(argv=None):
     ap.add_argument("--G", type=int, default=8, help="completions per prompt")
     ap.add_argument("--tokens", type=int, default=64, help="C tokens per completion (fixed)")
     ap.add_argument("--steps", type=int, default=3, help="measured steps")
-    ap.add_argument("--warmup", type=int, default=1, help="steps before the measured ones")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="steps before the measured ones (>= 1: the memory window starts "
+                    "after them)")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rows", type=int, default=64, help="synthetic counting rows")
@@ -315,8 +316,8 @@ def parse(argv=None):
     for k in ("prompts", "G", "tokens", "steps", "rows"):
         if getattr(args, k) < 1:
             ap.error(f"--{k} must be >= 1, got {getattr(args, k)}")
-    if args.warmup < 0:
-        ap.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.warmup < 1:
+        ap.error(f"--warmup must be >= 1, got {args.warmup}")
     if args.rows < args.prompts:
         ap.error(f"--rows ({args.rows}) must be >= --prompts ({args.prompts})")
     return args

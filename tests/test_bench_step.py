@@ -48,7 +48,7 @@ def test_one_measured_step_has_consistent_phases_and_memory(trainer, tiny_model_
 
 
 def test_completions_must_have_the_fixed_length():
-    args = step.parse(["--tokens", "8", "--warmup", "0", "--steps", "1", "--device", "cpu"])
+    args = step.parse(["--tokens", "8", "--steps", "1", "--device", "cpu"])
     recorder = step.StepRecorder(args, step.Memory("cpu"))
     with pytest.raises(RuntimeError, match="expected the fixed 8"):
         recorder.step_done(1, {}, 7.5)
@@ -75,5 +75,7 @@ def test_table_prints_ratios_and_the_targets_verdict():
 def test_bad_arguments_are_named():
     with pytest.raises(SystemExit):
         step.parse(["--steps", "0"])
+    with pytest.raises(SystemExit):
+        step.parse(["--warmup", "0"])
     with pytest.raises(SystemExit, match="unknown"):
         step.main(["--trainers", "mr1fast,deepspeed", "--models", "tiny"])

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Everything the project measures on a CUDA GPU, in one command, for a session lent one (the
+# device tool's machine: torch, triton, transformers, pytest and pytest-benchmark, no package
+# registry; liger-kernel and trl only if carried as wheels, see ../shared/ENV.md):
+#   1. the CUDA tests; 2. the kernel suite's GPU set (2B and 7B shapes, cuBLAS floor);
+#   3. the end-to-end step on a random-weight model with Qwen2-VL-2B's dimensions (bf16;
+#      beside TRL when trl is importable); 4. BENCHMARKS.md regenerated.
+# Results land in bench/results/<GPU name>/; with $OUT set (the device tool) they are copied
+# there too. Not yet run on a GPU: no session of this project has been lent one so far.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+# mr1fast itself (with its mr1fast.kernels package mapping), nothing from a registry.
+$PY -m pip install -q --no-deps --no-build-isolation --no-index -e .
+$PY -c "import torch; assert torch.cuda.is_available(), 'bench/gpu.sh needs a CUDA GPU'"
+status=0
+$PY -m pytest tests -m cuda -q -rs --durations=10 || status=1
+$PY -m pytest bench --benchmark-only --save-results -q || status=1
+trainers=mr1fast
+if $PY -c "import trl" 2>/dev/null; then trainers=mr1fast,trl; fi
+$PY bench/step.py --models qwen2-vl-2b --trainers "$trainers" --dtype bf16 --save-results \
+    || status=1
+$PY bench/report.py
+if [ -n "${OUT:-}" ]; then
+    dev=$($PY -c "import sys; sys.path.insert(0, 'bench'); import results; \
+print(results.device_dir())")
+    mkdir -p "$OUT/results"
+    cp "$dev"/*.json "$dev"/*.png "$OUT/results/" 2>/dev/null || true
+    cp BENCHMARKS.md "$OUT/"
+fi
+exit $status
