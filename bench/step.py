@@ -209,10 +209,11 @@ def child(args) -> int:
     return 0
 
 
-def summarize(raw: dict) -> dict:
-    """Medians over the measured steps, tokens/s and memory of one child's output."""
+def summarize(raw: dict, tokens: int) -> dict:
+    """Medians over the measured steps, tokens/s (`tokens` per step) and memory of one
+    child's output."""
     out = {k: statistics.median(s[k] for s in raw["steps"]) for k in PHASES}
-    out["tokens_per_s"] = raw["tokens"] / out["step_s"]
+    out["tokens_per_s"] = tokens / out["step_s"]
     out["peak_memory"], out["step_memory"] = raw["peak_memory"], raw["step_memory"]
     return out
 
@@ -239,9 +240,7 @@ def measure(trainer: str, model_path: str, args, work: Path) -> dict:
     if proc.returncode != 0:
         tail = "" if args.verbose else (proc.stdout + proc.stderr)[-4000:]
         raise RuntimeError(f"{trainer} on {model_path} failed (exit {proc.returncode}):\n{tail}")
-    raw = json.loads(out.read_text())
-    raw["tokens"] = args.prompts * args.G * args.tokens
-    return summarize(raw)
+    return summarize(json.loads(out.read_text()), args.prompts * args.G * args.tokens)
 
 
 COLUMNS = [("tokens_per_s", "tokens/s", ".0f"), ("step_s", "step s", ".3f"),

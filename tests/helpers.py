@@ -1,4 +1,4 @@
-"""Shared test helpers: tolerances (one table) and verbose comparisons."""
+"""Shared test helpers: tolerances (one table), verbose comparisons, the tiny model set-up."""
 import torch
 
 # (atol, rtol) of an implementation against the fp64 reference, by input dtype. For half
@@ -37,3 +37,19 @@ def assert_no_worse_than_torch(name, got, torch_got, want, dtype):
     assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g}"
     assert err <= HALF_MARGIN * torch_err + bound / 10, \
         f"{name}: error {err:.3g} worse than torch's {dtype} error {torch_err:.3g}"
+
+
+def tiny_policy_and_prompts(model_dir, n: int, seed: int):
+    """The tiny model (fp32, CPU, seed 0), its prompt encoder and `n` encoded counting
+    prompts (make_counting rows of `seed`)."""
+    from mr1fast.data import make_counting, question
+    from mr1fast.model import PromptEncoder, load_model
+
+    torch.manual_seed(0)
+    model = load_model(str(model_dir), device=torch.device("cpu"), dtype=torch.float32)
+    encoder = PromptEncoder(str(model_dir))
+    rows = make_counting(n, seed=seed)
+    prompts = encoder.encode([r["image"] for r in rows], [question(r["problem"]) for r in rows],
+                             torch.device("cpu"))
+    return model, encoder, prompts
+

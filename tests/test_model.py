@@ -5,21 +5,14 @@ import pytest
 import torch
 
 from mr1fast import token_logprobs
-from mr1fast.data import make_counting, question
-from mr1fast.model import (PromptEncoder, completion_hidden, encode_images, lm_head_weight,
-                           load_model)
+from helpers import tiny_policy_and_prompts
+from mr1fast.model import completion_hidden, encode_images, lm_head_weight, load_model
 from mr1fast.sampler import HFSampler, SamplingParams, completion_mask
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir):
-    torch.manual_seed(0)
-    model = load_model(str(tiny_model_dir), device=torch.device("cpu"), dtype=torch.float32)
-    encoder = PromptEncoder(str(tiny_model_dir))
-    rows = make_counting(3, seed=1)
-    prompts = encoder.encode([r["image"] for r in rows], [question(r["problem"]) for r in rows],
-                             torch.device("cpu"))
-    return model, encoder, prompts
+    return tiny_policy_and_prompts(tiny_model_dir, 3, seed=1)
 
 
 def test_tiny_model_files_load_offline(tiny_model_dir, monkeypatch):

@@ -157,17 +157,11 @@ def test_sft_lowers_the_nll_and_eval_gives_the_cross_task_matrix(tmp_path, cache
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_micro_batches_add_up_to_the_whole_batch(tiny_model_dir, loss_type):
     """Gradient accumulation over micro-batches gives the whole batch's gradient."""
-    from mr1fast.data import make_counting, question
-    from mr1fast.model import PromptEncoder, load_model
+    from helpers import tiny_policy_and_prompts
     from mr1fast.runtime import micro_batches
     from mr1fast.sampler import Rollout
 
-    torch.manual_seed(0)
-    model = load_model(str(tiny_model_dir), device=torch.device("cpu"), dtype=torch.float32)
-    enc = PromptEncoder(str(tiny_model_dir))
-    rows = make_counting(2, seed=3)
-    prompts = enc.encode([r["image"] for r in rows], [question(r["problem"]) for r in rows],
-                         torch.device("cpu"))
+    model, _, prompts = tiny_policy_and_prompts(tiny_model_dir, 2, seed=3)
     B, C = 8, 6
     ids = torch.randint(10, 200, (B, C))
     mask = (torch.rand(B, C) > 0.3).float()
