@@ -15,7 +15,7 @@ over the measured steps):
                   state and libraries included); CUDA: max_memory_allocated
   step_memory     that peak minus the memory in use when the measured steps began
 
-mr1fast runs its real trainer (mr1fast.train.train_grpo); TRL runs GRPOTrainer(use_vllm=False),
+mr1fast runs its real trainer (mr1fast.trainer.grpo.train_grpo); TRL runs GRPOTrainer(use_vllm=False),
 phases timed by wrapping its _generate, _calculate_rewards and _generate_and_score_completions.
 
     python bench/step.py                             # both trainers, tiny and tiny-v152k
@@ -99,8 +99,8 @@ class StepRecorder:
 
 
 def run_mr1fast(args, recorder: StepRecorder) -> None:
-    from mr1fast.config import embedded_default, from_dict
-    from mr1fast.train import train_grpo
+    from mr1fast.trainer.config import embedded_default, from_dict
+    from mr1fast.trainer.grpo import train_grpo
 
     # One step past the measured ones: the run's final checkpoint is saved at its last step,
     # outside the measurement.
@@ -112,7 +112,9 @@ def run_mr1fast(args, recorder: StepRecorder) -> None:
         "grpo": {"num_generations": args.G, "prompts_per_step": args.prompts,
                  "micro_batch_size": 0, "max_steps": args.warmup + args.steps + 1,
                  "max_completion_length": args.tokens, "ignore_eos": True, "lr": args.lr,
-                 "sft_warmup_steps": 0, "beta_schedule": "grpo_d", "loss_type": "grpo"},
+                 "sft_warmup_steps": 0, "loss_type": "grpo",
+                 "beta_schedule": {"kind": "grpo_d", "beta_min": 0.04, "beta_max": 0.1,
+                                   "explore_ratio": 0.3}},
         "eval": {"tasks": {}},
         "log": {"save_every": 10**9, "progress": False},
         "sampler": "hf", "seed": args.seed, "output_dir": args.work_dir,
@@ -133,9 +135,9 @@ def run_trl(args, recorder: StepRecorder) -> None:
     from transformers import AutoProcessor, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from mr1fast.data import make_counting, question
-    from mr1fast.model import load_model
-    from mr1fast.rewards import accuracy_reward, format_reward
+    from mr1fast.trainer.data import make_counting, question
+    from mr1fast.trainer.model import load_model
+    from mr1fast.trainer.rewards import accuracy_reward, format_reward
 
     rows = make_counting(args.rows, seed=args.seed)
     data = Dataset.from_list([
@@ -199,7 +201,7 @@ def run_trl(args, recorder: StepRecorder) -> None:
 
 
 def child(args) -> int:
-    import mr1fast  # noqa: F401  (the torchvision shim, before transformers and trl)
+    import mr1fast.rollout  # noqa: F401  (the torchvision shim, before transformers and trl)
     import torch
 
     torch.manual_seed(args.seed)
@@ -291,7 +293,7 @@ def rows_from_records(recs: list[dict]) -> tuple[dict, list[str], list[str]]:
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="tiny,tiny-v152k",
-                    help="comma-separated presets (mr1fast.model.PRESETS) or checkpoint paths")
+                    help="comma-separated presets (mr1fast.trainer.model.PRESETS) or checkpoint paths")
     ap.add_argument("--trainers", default="mr1fast,trl")
     ap.add_argument("--prompts", type=int, default=4, help="P prompts per step")
     ap.add_argument("--G", type=int, default=8, help="completions per prompt")
@@ -328,7 +330,7 @@ def main(argv=None) -> int:
         return child(args)
     import torch
 
-    from mr1fast.model import PRESETS, init_tiny_model
+    from mr1fast.trainer.model import PRESETS, init_tiny_model
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     models = [m for m in args.models.split(",") if m]

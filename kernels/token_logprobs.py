@@ -14,8 +14,9 @@ Chunks run over the vocabulary first, so at the Qwen2-VL-2B shape one chunk hold
 and dW needs no cross-chunk accumulation. No atomics anywhere: the result is bitwise
 deterministic. Nothing accumulates across launches, so no output needs resetting.
 
-temperature (and beta, eps in grpo_loss.py) are runtime arguments, never tl.constexpr: a new
-value never recompiles.
+An absent bias is passed as None: Triton specialises on it (the `if b_ptr is not None` branch is
+resolved at compile time). temperature is a runtime argument, never tl.constexpr: a new value
+never recompiles. Nothing here reads a device value on the host: the launchers never sync.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ try:
 except ImportError:  # pragma: no cover - platforms without triton keep the torch paths
     triton = None
 
-from mr1fast.chunked import logprobs_function, matmul_acc
+from .gemm import matmul_acc
 
 # Triton's interpreter runs these kernels on CPU tensors. It must be chosen before triton
 # decorates the kernels, i.e. before this module is imported.
@@ -57,9 +58,8 @@ if triton is not None:
 
     @triton.jit
     def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, hidden_dim, stride_h,
-                     stride_w, inv_temperature, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-                     FP32_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+                     stride_w, inv_temperature, UPCAST: tl.constexpr, FP32_DOT: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
         """[BLOCK_N, BLOCK_V] fp32 logits / temperature; -inf in columns past the vocabulary."""
         acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
         ks = tl.arange(0, BLOCK_K)
@@ -77,7 +77,7 @@ if triton is not None:
                 acc = tl.dot(h, w, acc, input_precision="ieee")
             else:
                 acc = tl.dot(h, w, acc)
-        if HAS_BIAS:
+        if b_ptr is not None:
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         return tl.where(col_ok[None, :], acc * inv_temperature, float("-inf"))
 
@@ -85,7 +85,7 @@ if triton is not None:
     def _token_logprobs_fwd_kernel(
             h_ptr, w_ptr, b_ptr, y_ptr, pmax_ptr, psum_ptr, pent_ptr, tgt_ptr,
             n_tokens, vocab, hidden_dim, stride_h, stride_w, inv_temperature, tiles_per_split,
-            HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, FP32_DOT: tl.constexpr,
+            UPCAST: tl.constexpr, FP32_DOT: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
@@ -101,8 +101,8 @@ if triton is not None:
             cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
             col_ok = cols < vocab
             z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, hidden_dim,
-                             stride_h, stride_w, inv_temperature, HAS_BIAS, UPCAST, FP32_DOT,
-                             BLOCK_N, BLOCK_V, BLOCK_K)
+                             stride_h, stride_w, inv_temperature, UPCAST, FP32_DOT, BLOCK_N,
+                             BLOCK_V, BLOCK_K)
             m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile has a real column
             alpha = tl.exp(m - m_new)
             p = tl.exp(z - m_new[:, None])
@@ -159,9 +159,8 @@ if triton is not None:
     def _token_logprobs_bwd_kernel(
             h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dz_ptr,
             n_tokens, vocab, v_offset, hidden_dim, stride_h, stride_w, stride_dz,
-            inv_temperature, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-            FP32_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-            BLOCK_K: tl.constexpr):
+            inv_temperature, UPCAST: tl.constexpr, FP32_DOT: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
         """dz = g * (onehot - softmax) / T for one (token tile, vocabulary tile) of a chunk."""
         pid = tl.program_id(0)
         n_tiles_n = tl.cdiv(n_tokens, BLOCK_N)
@@ -172,8 +171,7 @@ if triton is not None:
         cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < vocab
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, hidden_dim, stride_h,
-                         stride_w, inv_temperature, HAS_BIAS, UPCAST, FP32_DOT, BLOCK_N, BLOCK_V,
-                         BLOCK_K)
+                         stride_w, inv_temperature, UPCAST, FP32_DOT, BLOCK_N, BLOCK_V, BLOCK_K)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
         y = tl.load(y_ptr + rows, mask=row_ok, other=-1) - v_offset
@@ -188,15 +186,31 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+# GPU tile sizes, derived (not yet tuned on a GPU: bench/gpu.sh's kernel suite measures them).
+# A 128 x 128 (BLOCK_N x BLOCK_V) logit tile is the fp32 accumulator of a tensor-core GEMM: over
+# 8 warps (two Hopper warpgroups, one 64-row wgmma each) it is 64 registers per thread, leaving
+# room under the 255-register limit for the online-softmax temporaries of the same size.
+# BLOCK_K = 64 for bf16/fp16 and 32 for fp32 makes every K step a 128-byte row segment per
+# token (coalesced) and puts (128 + 128) x BLOCK_K x 2 or 4 B = 32 KiB in shared memory per
+# pipeline stage: 3 stages take 96 KiB, within an A100 SM's 164 KiB and an H100's 228 KiB.
+# Each loaded element then feeds 128 multiply-adds, 64 FLOP per byte from shared memory.
+GPU_BLOCKS = dict(BLOCK_N=128, BLOCK_V=128, num_warps=8, num_stages=3)
+
+
 def block_config(n_tokens: int, vocab: int, hidden_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes. The interpreter's cost grows with the number of block operations, so it gets
-    big tiles for the small test shapes; the GPU gets tensor-core-sized tiles."""
+    big tiles for the small test shapes; the GPU gets tensor-core-sized tiles (GPU_BLOCKS)."""
     if INTERPRET:
         return dict(BLOCK_N=min(64, max(16, _next_pow2(n_tokens))),
                     BLOCK_V=min(256, max(16, _next_pow2(vocab))),
                     BLOCK_K=min(128, max(16, _next_pow2(hidden_dim))), num_warps=4, num_stages=1)
-    block_k = 32 if dtype == torch.float32 else 64
-    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=block_k, num_warps=8, num_stages=3)
+    return dict(GPU_BLOCKS, BLOCK_K=32 if dtype == torch.float32 else 64)
+
+
+def dtype_flags(dtype: torch.dtype) -> dict:
+    """UPCAST: the interpreter computes bf16 arithmetic wrongly (loads are exact), so it works
+    in fp32; FP32_DOT: fp32 inputs take IEEE fp32 dots (no TF32 rounding)."""
+    return dict(UPCAST=INTERPRET and dtype == torch.bfloat16, FP32_DOT=dtype == torch.float32)
 
 
 def forward_grid(n_tokens: int, vocab: int, block_n: int, block_v: int, target_programs: int):
@@ -238,7 +252,8 @@ def _sm_count(device: torch.device) -> int:
 
 
 def lse_partials(hidden, weight, bias, targets, temperature, num_splits=None):
-    """Runs the forward kernel. Returns (pmax, psum, pent [n_splits, n], tgt [n], n_splits)."""
+    """Runs the forward kernel on hidden [n, d], weight [V, d], bias [V] or None, targets [n]
+    (all contiguous). Returns (pmax, psum, pent [n_splits, n], tgt [n], n_splits), fp32."""
     n, d = hidden.shape
     V = weight.shape[0]
     cfg = block_config(n, V, d, hidden.dtype)
@@ -250,11 +265,9 @@ def lse_partials(hidden, weight, bias, targets, temperature, num_splits=None):
     tgt = torch.empty(n, dtype=torch.float32, device=hidden.device)
     with on_device(hidden.device):
         _token_logprobs_fwd_kernel[grid](
-            hidden, weight, bias if bias is not None else hidden, targets, part[0], part[1], part[2],
-            tgt, n, V, d, hidden.stride(0), weight.stride(0), 1.0 / temperature,
-            tiles_per_split, HAS_BIAS=bias is not None,
-            UPCAST=INTERPRET and hidden.dtype == torch.bfloat16,
-            FP32_DOT=hidden.dtype == torch.float32, **cfg)
+            hidden, weight, bias, targets, part[0], part[1], part[2], tgt, n, V, d,
+            hidden.stride(0), weight.stride(0), 1.0 / temperature, tiles_per_split,
+            **dtype_flags(hidden.dtype), **cfg)
     return part[0], part[1], part[2], tgt, n_splits
 
 
@@ -298,12 +311,10 @@ def token_logprobs_backward(hidden, weight, bias, targets, lse, grad_logp, tempe
             grid = (triton.cdiv(n1 - n0, cfg["BLOCK_N"]) * triton.cdiv(v1 - v0, cfg["BLOCK_V"]),)
             with on_device(hidden.device):
                 _token_logprobs_bwd_kernel[grid](
-                    hidden[n0:n1], w_c, bias[v0:v1] if bias is not None else w_c,
+                    hidden[n0:n1], w_c, None if bias is None else bias[v0:v1],
                     targets[n0:n1], lse[n0:n1], g[n0:n1], dz, n1 - n0, v1 - v0, v0, d,
                     hidden.stride(0), weight.stride(0), dz.stride(0), 1.0 / temperature,
-                    HAS_BIAS=bias is not None,
-                    UPCAST=INTERPRET and hidden.dtype == torch.bfloat16,
-                    FP32_DOT=hidden.dtype == torch.float32, **cfg)
+                    **dtype_flags(hidden.dtype), **cfg)
             if dh is not None:
                 dh[n0:n1] += matmul_acc(dz, w_c)
             if dw is not None:
@@ -317,5 +328,23 @@ def token_logprobs_backward(hidden, weight, bias, targets, lse, grad_logp, tempe
             None if db is None else db.to(bias.dtype))
 
 
-TritonTokenLogprobs = logprobs_function("TritonTokenLogprobs", token_logprobs_forward,
-                                        token_logprobs_backward)
+class TokenLogprobsFunction(torch.autograd.Function):
+    """(hidden [n, d], weight [V, d], bias [V] or None, targets [n] int64, temperature) ->
+    (logp [n], entropy [n]), fp32, all inputs contiguous. Differentiable w.r.t. hidden, weight
+    and bias through logp; the entropy is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature):
+        logp, lse, entropy = token_logprobs_forward(hidden, weight, bias, targets, temperature)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        dh, dw, db = token_logprobs_backward(hidden, weight, bias, targets, lse, grad_logp,
+                                             ctx.temperature, ctx.needs_input_grad[0],
+                                             ctx.needs_input_grad[1])
+        return dh, dw, db, None, None

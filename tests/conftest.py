@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """The tiny random-weight Qwen2-VL (tokenizer and image processor included), built once."""
-    from mr1fast.model import init_tiny_model
+    from mr1fast.trainer.model import init_tiny_model
 
     return init_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 

@@ -42,8 +42,8 @@ def assert_no_worse_than_torch(name, got, torch_got, want, dtype):
 def tiny_policy_and_prompts(model_dir, n: int, seed: int):
     """The tiny model (fp32, CPU, seed 0), its prompt encoder and `n` encoded counting
     prompts (make_counting rows of `seed`)."""
-    from mr1fast.data import make_counting, question
-    from mr1fast.model import PromptEncoder, load_model
+    from mr1fast.trainer.data import make_counting, question
+    from mr1fast.trainer.model import PromptEncoder, load_model
 
     torch.manual_seed(0)
     model = load_model(str(model_dir), device=torch.device("cpu"), dtype=torch.float32)

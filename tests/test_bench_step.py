@@ -12,7 +12,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 import step  # noqa: E402
 
-from mr1fast.model import SPECIAL_TOKENS, preset_config  # noqa: E402
+from mr1fast.trainer.model import SPECIAL_TOKENS, preset_config  # noqa: E402
 
 HAVE_TRL = importlib.util.find_spec("trl") is not None
 

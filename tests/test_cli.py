@@ -1,4 +1,4 @@
-from mr1fast.cli import main
+from mr1fast.trainer.cli import main
 
 
 def test_demo_learns(capsys):

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from mr1fast.config import (Config, embedded_default, from_dict, load_config, parse_override,
-                            to_dict)
+from mr1fast.trainer.config import (Config, embedded_default, from_dict, kl_schedule, load_config,
+                                    parse_override, to_dict)
 
 ROOT = Path(__file__).parent.parent
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -28,18 +28,21 @@ def test_every_config_loads_and_is_headed_by_its_launch_command(path):
     assert first.startswith("# ") and "mr1fast " in first
     assert f"--config {path.relative_to(ROOT).as_posix()}" in first
     if "-grpo-d" in path.stem or path.stem == "format-weight":
-        assert cfg.grpo.beta_schedule == "grpo_d"
+        assert cfg.grpo.beta_schedule["kind"] == "grpo_d"
     if path.stem.endswith("-grpo") or path.stem == "constant-beta":
-        assert cfg.grpo.beta_schedule == "constant"
+        assert set(cfg.grpo.beta_schedule) == {"kind", "beta"}
+        assert cfg.grpo.beta_schedule["kind"] == "constant"
 
 
 def test_paper_settings_in_the_recipes():
     vc = load_config(f"{ROOT}/configs/qwen2vl-2b-counting-grpo-d.yaml")
-    assert (vc.grpo.beta_min, vc.grpo.beta_max) == (0.04, 0.1) and vc.data.limit == 100
+    assert vc.grpo.beta_schedule == {"kind": "grpo_d", "beta_min": 0.04, "beta_max": 0.1,
+                                     "explore_ratio": 0.3} and vc.data.limit == 100
     gr = load_config(f"{ROOT}/configs/qwen2vl-2b-geometry-grpo-d.yaml")
-    assert (gr.grpo.beta_min, gr.grpo.beta_max) == (0.0, 0.02)
-    assert load_config(f"{ROOT}/configs/qwen2vl-2b-counting-grpo.yaml").grpo.beta_max == 0.04
-    assert load_config(f"{ROOT}/configs/qwen2vl-7b-geometry-grpo.yaml").grpo.beta_max == 0.01
+    assert (gr.grpo.beta_schedule["beta_min"], gr.grpo.beta_schedule["beta_max"]) == (0.0, 0.02)
+    beta = (lambda name: load_config(f"{ROOT}/configs/{name}.yaml").grpo.beta_schedule["beta"])
+    assert beta("qwen2vl-2b-counting-grpo") == 0.04
+    assert beta("qwen2vl-7b-geometry-grpo") == 0.01
     sft = load_config(f"{ROOT}/configs/qwen2vl-7b-counting-sft.yaml")
     assert (sft.sft.lr, sft.sft.lr_schedule, sft.sft.warmup_ratio) == (2e-5, "cosine", 0.1)
     assert vc.grpo.num_generations == 8 and vc.grpo.lr == 1e-6
@@ -75,7 +78,13 @@ def test_overrides_parse_yaml_values_and_set_one_mapping_entry():
     ("grpo.lr", "expected key=value"),
     ("grpo.eps_low=1.0", "grpo.eps_low: expected a value in [0.0, 1.0)"),
     ("grpo.top_p=0", "grpo.top_p: expected a value in (0.0, 1.0]"),
-    ("grpo.explore_ratio=1.5", "grpo.explore_ratio"),
+    ("grpo.beta_schedule.explore_ratio=1.5", "grpo.beta_schedule: explore_ratio"),
+    ("grpo.beta_schedule.beta_min=-0.1", "grpo.beta_schedule: beta_min"),
+    ("grpo.beta_schedule.beta_min=low", "grpo.beta_schedule.beta_min: expected a number"),
+    ("grpo.beta_schedule.kind=constant", "constant schedule: takes beta"),
+    ("grpo.beta_schedule={kind: exp}", "grpo.beta_schedule.kind: expected one of"),
+    ("grpo.beta_schedule={kind: constant, beta_max: 0.1}", "unknown beta_max"),
+    ("grpo.beta_schedule={kind: linear, beta_start: 0.1}", "missing beta_end"),
     ("grpo.top_k=-1", "grpo.top_k: expected >= 0"),
     ("model.dtype=fp16", "model.dtype: expected one of"),
     ("sampler=sglang", "sampler: expected one of"),
@@ -104,7 +113,7 @@ def test_defaults_are_the_paper_and_r1v_settings():
     assert cfg.grpo.num_generations == 8 and cfg.grpo.lr == 1e-6
     assert cfg.grpo.eps_low == 0.2 and cfg.grpo.max_completion_length == 512
     assert cfg.grpo.rewards == {"accuracy": 1.0, "format": 1.0}
-    assert from_dict({}).grpo.explore_ratio == 0.3
+    assert from_dict({}).grpo.beta_schedule["explore_ratio"] == 0.3
 
 
 def test_a_level_2_sleep_needs_a_sync_every_step():
@@ -113,3 +122,15 @@ def test_a_level_2_sleep_needs_a_sync_every_step():
         load_config(None, ["vllm.sleep_level=2", "vllm.sync_every=4"])
     cfg = load_config(None, ["sampler=vllm", "vllm.importance_sampling=sequence"])
     assert cfg.sampler == "vllm" and cfg.vllm.importance_sampling == "sequence"
+
+
+def test_beta_schedule_keys_are_the_schedules_own_parameters():
+    cfg = load_config(None, ["grpo.beta_schedule={kind: constant, beta: 0.04}"])
+    assert cfg.grpo.beta_schedule == {"kind": "constant", "beta": 0.04}
+    cfg = load_config(None, ["grpo.beta_schedule.beta_max=0.2"])  # one entry of the mapping
+    assert cfg.grpo.beta_schedule == {"kind": "grpo_d", "beta_min": 0.04, "beta_max": 0.2,
+                                      "explore_ratio": 0.3}
+    cfg = load_config(None, ["grpo.beta_schedule={kind: cosine, beta_start: 1e-2, beta_end: 0}"])
+    assert cfg.grpo.beta_schedule["beta_start"] == 0.01  # YAML 1.1's string "1e-2" read as a float
+    cfg = load_config(None, ["grpo.beta_schedule={kind: grpo_d, preset: geometry}"])
+    assert kl_schedule(cfg.grpo.beta_schedule, 10)(0) == pytest.approx(0.01)

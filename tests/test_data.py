@@ -1,4 +1,4 @@
-"""mr1fast.data: every source kind loads the same examples, bad rows are skipped and counted (or
+"""mr1fast.trainer.data: every source kind loads the same examples, bad rows are skipped and counted (or
 raise with strict=True), and the synthetic generators are deterministic and correct by
 construction. All offline: the hub is monkeypatched."""
 import base64
@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mr1fast import data
-from mr1fast.data import (PROMPT_SUFFIX, answer_text, load_examples, make_counting, make_geometry,
+from mr1fast.trainer import data
+from mr1fast.trainer.data import (PROMPT_SUFFIX, answer_text, load_examples, make_counting, make_geometry,
                           question, resolve_source, synthetic_dataset, write_examples)
 
 

@@ -7,7 +7,7 @@ from helpers import TOLERANCES, assert_close, assert_no_worse_than_torch
 
 import mr1fast
 from mr1fast import GRPOLoss, group_advantages, grpo_loss
-from mr1fast.reference import reference_grpo_loss, reference_token_logprobs
+from mr1fast.loss.reference import reference_grpo_loss, reference_token_logprobs
 
 IMPLS = ["naive", "torch", "triton"]
 

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-import mr1fast.compat as compat
-import mr1fast.sampler as sampler_module
+import mr1fast.rollout.compat as compat
+import mr1fast.rollout.sampler as sampler_module
 from mr1fast import grpo_loss
-from mr1fast.importance import importance_weights
-from mr1fast.sampler import resolve_sampler
+from mr1fast.loss.importance import importance_weights
+from mr1fast.rollout.sampler import resolve_sampler
 
 TRAINER = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -3.0, -1.0]])
 SAMPLER = torch.tensor([[-1.5, -1.0, -0.5], [-0.2, -4.0, -9.0]])
@@ -129,7 +129,7 @@ class _RecordingEngine:
 
 
 def test_sync_order_with_sleep_mode_wakes_weights_then_syncs_then_wakes_kv_cache():
-    from mr1fast.vllm_sampler import VLLMSampler
+    from mr1fast.rollout.vllm_sampler import VLLMSampler
 
     s = object.__new__(VLLMSampler)
     s.llm = _RecordingEngine(["a", "b"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mr1fast.metrics import MetricsLogger, Progress, plot_metrics, read_metrics
+from mr1fast.trainer.metrics import MetricsLogger, Progress, plot_metrics, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

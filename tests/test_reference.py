@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mr1fast.reference import per_token_grpo, reference_grpo_loss
+from mr1fast.loss.reference import per_token_grpo, reference_grpo_loss
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])

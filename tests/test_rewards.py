@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from mr1fast.rewards import (BUILTIN_REWARDS, RewardRunner, accuracy_reward, count_accuracy,
+from mr1fast.trainer.rewards import (BUILTIN_REWARDS, RewardRunner, accuracy_reward, count_accuracy,
                              format_reward, math_accuracy, resolve_reward)
 
 import reward_fixtures
@@ -249,7 +249,7 @@ def test_timeout_off_the_main_thread(guarded):
 def test_numpy_scalars_are_numbers():
     import numpy as np
 
-    from mr1fast.rewards import _checked
+    from mr1fast.trainer.rewards import _checked
 
     values, problem = _checked([np.float32(0.5), np.int64(1), None, True], 4)
     assert values == [0.5, 1.0, None, 1.0] and problem is None
@@ -263,7 +263,7 @@ def test_a_column_only_some_rows_have_is_none_elsewhere():
         seen.update(columns)
         return [1.0] * len(completions)
 
-    import mr1fast.rewards as rewards_module
+    import mr1fast.trainer.rewards as rewards_module
     rewards_module.BUILTIN_REWARDS["_spy"] = spy
     try:
         runner = rewards_module.RewardRunner({"_spy": 1.0}, isolate=False)

@@ -5,7 +5,7 @@ import torch
 from helpers import TOLERANCES, assert_close, assert_no_worse_than_torch, max_err
 
 from mr1fast import token_logprobs
-from mr1fast.reference import reference_token_logprobs
+from mr1fast.loss.reference import reference_token_logprobs
 
 IMPLS = ["naive", "torch", "triton"]
 
@@ -85,7 +85,7 @@ def test_torch_impl_gradcheck_fp64():
 
 def test_torch_impl_chunk_boundaries(monkeypatch):
     """Token and vocabulary chunks that do not divide n and V give the same result."""
-    from mr1fast import chunked
+    from mr1fast.loss import chunked
     inputs = make_inputs((5, 7), 32, 301, True)
     want = run("torch", *inputs, torch.float32, 1.0)
     monkeypatch.setattr(chunked, "TOKEN_CHUNK", 8)

@@ -9,13 +9,15 @@ import torch
 from PIL import Image
 
 from mr1fast import grpo_loss
-from mr1fast.cli import main
-from mr1fast.metrics import read_metrics
-from mr1fast.model import (PromptEncoder, completion_hidden, encode_images, lm_head_weight,
+from mr1fast.trainer.cli import main
+from mr1fast.trainer.metrics import read_metrics
+from mr1fast.trainer.model import (PromptEncoder, completion_hidden, encode_images, lm_head_weight,
                            load_model)
-from mr1fast.sampler import SamplingParams
-from mr1fast.train import sequence_logprobs, sync_weights
-from mr1fast.vllm_sampler import _ENGINES, VLLMSampler, vllm_available
+from mr1fast.rollout import SamplingParams
+from mr1fast.trainer.grpo import StepBatch, sync_weights
+from mr1fast.trainer.run import MicroBatchFit
+from mr1fast.rollout import vllm_available
+from mr1fast.rollout.vllm_sampler import _ENGINES, VLLMSampler
 
 pytestmark = [pytest.mark.vllm,
               pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")]
@@ -55,8 +57,7 @@ def prompts_for(encoder, salt: int, n: int = 3):
 
 
 def policy_logprobs(policy, prompts, rollout) -> torch.Tensor:
-    return sequence_logprobs(policy, prompts, rollout, [torch.arange(len(rollout.prompt_index))],
-                             None, "torch")
+    return StepBatch(prompts, rollout, None).logprobs(policy, MicroBatchFit(0), "torch", 1.0)
 
 
 def test_sampled_logprobs_are_those_of_the_processed_distribution(tiny):

@@ -225,3 +225,12 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def device_peak_mb(device) -> float | None:
+    """Peak allocated memory on a CUDA device since the last reset (MiB); None elsewhere."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None

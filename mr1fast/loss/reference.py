@@ -2,8 +2,8 @@
 
 These definitions are the single source of the loss math. The fp64 reference (full logits) is
 what every implementation is tested against; the "torch" and "naive" implementations reuse
-per_token_grpo, token_scales and grpo_objective, so the math exists once in torch (the Triton
-epilogue is the only other copy, and the tests hold it to this one).
+per_token_grpo and grpo_objective (and the normalisers of normalizers.py), so the math exists
+once in torch (the Triton epilogue is the only other copy, and the tests hold it to this one).
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .advantages import group_advantages
-from .batch import TokenBatch, prepare_batch
+from .inputs import TokenBatch, prepare_batch
+from .normalizers import token_scales
 
 
 def per_token_grpo(logp, advantages, old_logp, ref_logp, importance_weights, beta,
@@ -42,55 +43,41 @@ def per_token_grpo(logp, advantages, old_logp, ref_logp, importance_weights, bet
     return loss, kl, low, high
 
 
-def token_scales(batch: TokenBatch) -> torch.Tensor:
-    """s_t [N] with loss = sum_t s_t * loss_t; TRL's loss types, mask included.
-
-    grpo: per sequence sum(l*m) / max(sum(m), 1), then the mean over all S sequences (fully
-    masked ones count); bnpo: sum / max(masked tokens, 1); dr_grpo: sum / (S * max_completion_length);
-    dapo: sum / num_items_in_batch.
-    """
-    m, S = batch.mask, batch.n_seqs
-    if batch.loss_type == "grpo":
-        # Segment sums by cumsum differences: deterministic, unlike index_add on CUDA.
-        csum = torch.cat([m.new_zeros(1), torch.cumsum(m, 0)])
-        counts = csum[batch.cu_seqlens[1:]] - csum[batch.cu_seqlens[:-1]]
-        return m / (S * counts.clamp(min=1.0))[batch.seq_id]
-    if batch.loss_type == "bnpo":
-        return m / m.sum().clamp(min=1.0)
-    if batch.loss_type == "dr_grpo":
-        return m / (S * batch.max_completion_length)
-    return m / batch.num_items
-
-
 def sequence_advantages(batch: TokenBatch) -> torch.Tensor:
-    """Advantages of the active tokens [n]: given, or from rewards by group_advantages."""
+    """Advantages of the kernel tokens [n]: given, or from rewards by group_advantages."""
     if batch.advantages is not None:
-        return batch.take(batch.advantages)
+        return batch.at_kernel_tokens(batch.advantages)
     adv = group_advantages(batch.rewards, batch.group_size)
-    return adv[batch.take(batch.seq_id)]
+    return batch.at_kernel_tokens(adv[batch.seq_id])
 
 
 def grpo_objective(batch: TokenBatch, logp: torch.Tensor, entropy: Optional[torch.Tensor] = None):
-    """The loss and stats from the active tokens' log-probs logp [n] (differentiable)."""
+    """The loss and stats from the kernel tokens' log-probs logp [n] (differentiable). Kernel
+    tokens with mask 0 (batch.has_mask) get logp and every input 0: an exact 0 contribution
+    that nothing can overflow."""
+    logp = batch.zero_masked(logp)
     loss_t, kl, low, high = per_token_grpo(
-        logp, sequence_advantages(batch), batch.take(batch.old_logp),
-        batch.take(batch.ref_logp), batch.take(batch.importance_weights),
+        logp, sequence_advantages(batch), batch.at_kernel_tokens(batch.old_logp),
+        batch.at_kernel_tokens(batch.ref_logp), batch.at_kernel_tokens(batch.importance_weights),
         batch.beta, batch.eps_low, batch.eps_high)
     loss = (loss_t * batch.take(token_scales(batch))).sum()
     return loss, make_stats(batch, logp, kl, low, high, entropy)
 
 
 def make_stats(batch: TokenBatch, logp, kl, low, high, entropy=None) -> dict:
-    """Detached fp32 stats: per-token logp (shape of targets, 0 at masked tokens), and the
-    mask-weighted means of kl, the clip flags and entropy."""
+    """Detached fp32 stats from the kernel tokens' values: per-token logp (shape of targets, 0
+    at masked tokens), and the mask-weighted means of kl, the clip flags and entropy."""
     m = batch.take(batch.mask).float()
     denom = m.sum().clamp(min=1.0)
 
     def mean(x):
         return (x.detach().float() * m).sum() / denom
 
-    full = torch.zeros(batch.mask.numel(), dtype=torch.float32, device=batch.mask.device)
-    full[batch.active] = logp.detach().float()
+    if batch.active is None:  # every token computed; masked ones already hold logp 0
+        full = logp.detach().float()
+    else:
+        full = torch.zeros(batch.mask.numel(), dtype=torch.float32, device=batch.mask.device)
+        full[batch.active] = logp.detach().float()
     stats = {"logp": full.view(batch.out_shape), "kl": mean(kl),
              "clip_low": mean(low), "clip_high": mean(high)}
     stats["clip_frac"] = stats["clip_low"] + stats["clip_high"]
@@ -112,7 +99,7 @@ def reference_grpo_loss(hidden, weight, targets, advantages=None, *, bias=None,
                         return_entropy=False, **kwargs):
     """grpo_loss computed plainly from full logits; pass fp64 tensors for the ground truth."""
     batch = prepare_batch(hidden, weight, targets, advantages, bias=bias, **kwargs)
-    idx = batch.active
-    logp, entropy = reference_token_logprobs(batch.hidden[idx], weight, batch.targets[idx],
-                                             bias=bias, temperature=batch.temperature)
+    logp, entropy = reference_token_logprobs(batch.take(batch.hidden), weight,
+                                             batch.take(batch.targets), bias=bias,
+                                             temperature=batch.temperature)
     return grpo_objective(batch, logp, entropy if return_entropy else None)

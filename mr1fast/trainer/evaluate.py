@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
+from ..rollout import HFSampler, SamplingParams
 from .config import Config, save_config
-from .data import Example
-from .model import PromptEncoder, default_device, load_model, model_dtype
+from .data import Example, load_task
+from .model import PromptEncoder, default_device, load_model, model_dtype, resolve_model
 from .rewards import RewardRunner
-from .runtime import load_task, log, resolve_model
-from .sampler import HFSampler, SamplingParams
+from .run import log
 
 
 @torch.no_grad()
@@ -51,7 +51,8 @@ def evaluate_tasks(cfg: Config, model, encoder: PromptEncoder) -> dict:
         for task, source in e.tasks.items():
             # No prompt-length filter: the test sets must keep their size (200, 754 items).
             examples = load_task(source, cfg, encoder, split=e.split, n=e.synthetic_size,
-                                 limit=e.limit, max_prompt_length=None, strict=cfg.data.strict)
+                                 limit=e.limit, max_prompt_length=None, strict=cfg.data.strict,
+                                 warn=log)
             out[task] = evaluate(model, encoder, examples, score,
                                  max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
     return out
@@ -84,7 +85,7 @@ def run_eval(cfg: Config) -> dict:
     models = cfg.eval.models or {cfg.model.name: cfg.model.name}
     matrix = {}
     for label, name in models.items():
-        path = resolve_model(name, cfg)
+        path = resolve_model(name, cfg, log)
         encoder = PromptEncoder(path)
         model = load_model(path, device=device, dtype=model_dtype(cfg.model.dtype, device),
                            trainable=False)

@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 PROMPT_SUFFIX = ("  Output the thinking process in <think> </think> and final answer (number) in "
@@ -421,3 +422,50 @@ def resolve_source(source: str, *, split: str, cache_dir: Path, n: int, seed: in
         task = source.removeprefix("synthetic:")
         return str(synthetic_dataset(task, split, n, seed, cache_dir))
     return source
+
+
+def cache_path(cache_dir: str) -> Path:
+    """The cache folder (tiny models, synthetic data): $MR1FAST_CACHE, else `cache_dir`."""
+    return Path(os.path.expanduser(os.environ.get("MR1FAST_CACHE", cache_dir)))
+
+
+def load_task(source: str, cfg, encoder, *, split: str, n: int, limit: int,
+              max_prompt_length: int | None, strict: bool,
+              warn: Callable[[str], None] = print) -> list[Example]:
+    """Examples of one data source (synthetic:* names generate and cache `n` rows), with rows
+    whose prompt exceeds max_prompt_length tokens (image tokens included, counted by
+    `encoder.prompt_length`) skipped. `cfg` gives the cache folder and the seed."""
+    path = resolve_source(source, split=split, cache_dir=cache_path(cfg.cache_dir) / "data",
+                          n=n, seed=cfg.seed)
+    result = load_examples(path, split=split, limit=limit or None, strict=strict,
+                           max_prompt_length=max_prompt_length,
+                           prompt_length=lambda e: encoder.prompt_length(e.image,
+                                                                         question(e.problem)),
+                           warn=warn)
+    return result.examples
+
+
+class DataOrder:
+    """Batches of `per_step` examples in a seeded per-epoch permutation; the position (epoch,
+    offset) is part of a checkpoint, so a resumed run sees the same batches."""
+
+    def __init__(self, n: int, per_step: int, seed: int, epoch: int = 0, offset: int = 0):
+        if n < per_step:
+            raise ValueError(f"{n} examples are fewer than the {per_step} needed per step")
+        self.n, self.per_step, self.seed = n, per_step, seed
+        self.restore(epoch, offset)
+
+    def restore(self, epoch: int, offset: int) -> None:
+        self.epoch, self.offset = epoch, offset
+
+    def next(self) -> list[int]:
+        if self.offset + self.per_step > self.n:
+            self.epoch, self.offset = self.epoch + 1, 0
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g)
+        batch = order[self.offset: self.offset + self.per_step].tolist()
+        self.offset += self.per_step
+        return batch
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}

@@ -5,6 +5,7 @@ return a Python float. Steps past the end hold the final value.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
@@ -68,10 +69,24 @@ def cosine_beta(step: int, total_steps: int, beta_start: float, beta_end: float)
     return beta_end + (beta_start - beta_end) * 0.5 * (1.0 + math.cos(math.pi * s / total_steps))
 
 
+SCHEDULES = {"grpo_d": grpo_d_beta, "constant": constant_beta, "linear": linear_beta,
+             "cosine": cosine_beta}
+
+
+def schedule_parameters(kind: str) -> dict:
+    """The parameters of schedule `kind` (beyond step and total_steps): name -> default, or
+    inspect.Parameter.empty for a required one."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"kind: expected one of {sorted(SCHEDULES)}, got {kind!r}")
+    params = list(inspect.signature(SCHEDULES[kind]).parameters.values())[2:]
+    return {p.name: p.default for p in params}
+
+
 def beta_schedule(kind: str, total_steps: int, **params) -> Callable[[int], float]:
     """A step -> beta function. kind: "grpo_d" (params beta_min, beta_max, explore_ratio, or
     preset="counting"|"geometry"), "constant" (beta or preset), "linear" / "cosine"
-    (beta_start, beta_end)."""
+    (beta_start, beta_end). Parameters are checked now, not at step 0 of a run."""
+    known = schedule_parameters(kind)
     preset = params.pop("preset", None)
     if preset is not None:
         table = GRPO_D_PRESETS if kind == "grpo_d" else CONSTANT_BETA_PRESETS
@@ -83,10 +98,14 @@ def beta_schedule(kind: str, total_steps: int, **params) -> Callable[[int], floa
             params.setdefault("beta_max", table[preset][1])
         else:
             params.setdefault("beta", table[preset])
-    fns = {"grpo_d": grpo_d_beta, "constant": constant_beta, "linear": linear_beta,
-           "cosine": cosine_beta}
-    if kind not in fns:
-        raise ValueError(f"kind: expected one of {sorted(fns)}, got {kind!r}")
-    fn = fns[kind]
-    fn(0, total_steps, **params)  # validate the parameters now, not at step 0 of a run
+    unknown = sorted(set(params) - set(known))
+    missing = sorted(n for n, d in known.items() if d is inspect.Parameter.empty
+                     and n not in params)
+    if unknown or missing:
+        names = ", ".join(known)
+        raise ValueError(f"{kind} schedule: takes {names}" + (" (or preset)" if kind in (
+            "grpo_d", "constant") else "") + (f"; unknown {', '.join(unknown)}" if unknown else "")
+            + (f"; missing {', '.join(missing)}" if missing else ""))
+    fn = SCHEDULES[kind]
+    fn(0, total_steps, **params)
     return lambda step: fn(step, total_steps, **params)

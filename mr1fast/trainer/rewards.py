@@ -175,6 +175,11 @@ class RewardResult:
     values: dict[str, list[float | None]]
     failures: dict[str, int]
 
+    def mean(self, names) -> float:
+        """The mean of the present values of the rewards `names` (NaN when none is present)."""
+        vals = [v for name in names for v in self.values[name] if v is not None]
+        return sum(vals) / len(vals) if vals else float("nan")
+
 
 class RewardRunner:
     """Weighted sum of rewards, e.g. ``RewardRunner({"accuracy": 1.0, "format": 0.5})``.

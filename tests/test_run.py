@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from mr1fast.runtime import DataOrder, MasterWeightsAdamW, lr_at, make_optimizer
+from mr1fast.trainer.data import DataOrder
+from mr1fast.trainer.run import MasterWeightsAdamW, lr_at, make_optimizer
 
 
 def test_bf16_weights_train_through_fp32_masters():

@@ -4,10 +4,12 @@ from __future__ import annotations
 import torch
 
 SCALES = ("group", "batch", "none")
+# The epsilon in (std + eps), R1-V's and TRL's value. The fused kernel takes it from here too.
+ADVANTAGE_EPS = 1e-4
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group",
-                     eps: float = 1e-4) -> torch.Tensor:
+                     eps: float = ADVANTAGE_EPS) -> torch.Tensor:
     """Advantages of the completions of each prompt, relative to their group.
 
     rewards: [B] float, the G = group_size completions of a prompt contiguous (B = prompts * G).

@@ -16,6 +16,11 @@ from typing import Any, Optional
 
 import yaml
 
+from ..loss.schedules import beta_schedule, schedule_parameters
+
+# The paper's GRPO-D on counting (../shared/PAPER.md): beta 0.07 -> 0.04 -> 0.1.
+GRPO_D_DEFAULT = {"kind": "grpo_d", "beta_min": 0.04, "beta_max": 0.1, "explore_ratio": 0.3}
+
 
 @dataclass
 class ModelConfig:
@@ -56,10 +61,11 @@ class GRPOConfig:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    beta_schedule: str = "grpo_d"     # grpo_d, constant, linear, cosine
-    beta_min: float = 0.04            # grpo_d: beta_mid -> beta_min -> beta_max
-    beta_max: float = 0.1             # constant: beta_max is the constant beta
-    explore_ratio: float = 0.3
+    # The KL coefficient's schedule over optimizer steps: `kind` and that schedule's own
+    # parameters (mr1fast.loss.schedules): grpo_d {beta_min, beta_max, explore_ratio} (beta_mid
+    # -> beta_min -> beta_max, the paper's); constant {beta}; linear / cosine {beta_start,
+    # beta_end}. A preset (counting, geometry) may stand in for grpo_d's and constant's betas.
+    beta_schedule: dict = field(default_factory=lambda: dict(GRPO_D_DEFAULT))
     eps_low: float = 0.2
     eps_high: float = 0.2
     loss_type: str = "grpo"           # grpo, bnpo, dr_grpo, dapo
@@ -143,7 +149,6 @@ CHOICES = {
     "model.impl": ("auto", "triton", "torch", "naive"),
     "grpo.lr_schedule": ("constant", "linear", "cosine"),
     "sft.lr_schedule": ("constant", "linear", "cosine"),
-    "grpo.beta_schedule": ("grpo_d", "constant", "linear", "cosine"),
     "grpo.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
     "sampler": ("auto", "vllm", "hf"),
     "vllm.importance_sampling": ("none", "token", "sequence"),
@@ -155,7 +160,7 @@ POSITIVE = ("grpo.num_generations", "grpo.prompts_per_step", "grpo.updates_per_b
             "eval.batch_size", "data.max_prompt_length", "log.save_every", "log.keep_checkpoints",
             "grpo.max_bad_steps", "grpo.temperature", "vllm.sync_every", "vllm.sync_bucket_mb",
             "vllm.cpu_kv_cache_gb", "vllm.is_cap")
-NON_NEGATIVE = ("grpo.lr", "sft.lr", "grpo.beta_min", "grpo.beta_max", "grpo.epochs",
+NON_NEGATIVE = ("grpo.lr", "sft.lr", "grpo.epochs",
                 "sft.epochs", "grpo.max_steps", "sft.max_steps", "grpo.micro_batch_size",
                 "sft.micro_batch_size", "data.limit", "eval.limit", "grpo.sft_warmup_steps",
                 "grpo.weight_decay", "sft.weight_decay", "grpo.max_grad_norm",
@@ -166,7 +171,7 @@ NON_NEGATIVE = ("grpo.lr", "sft.lr", "grpo.beta_min", "grpo.beta_max", "grpo.epo
 # key: (low, high, low inclusive, high inclusive)
 RANGES = {
     "grpo.eps_low": (0.0, 1.0, True, False), "grpo.eps_high": (0.0, float("inf"), True, False),
-    "grpo.explore_ratio": (0.0, 1.0, True, True), "grpo.top_p": (0.0, 1.0, False, True),
+    "grpo.top_p": (0.0, 1.0, False, True),
     "grpo.warmup_ratio": (0.0, 1.0, True, False), "sft.warmup_ratio": (0.0, 1.0, True, False),
     "vllm.gpu_memory_utilization": (0.0, 1.0, False, True),
 }
@@ -207,8 +212,10 @@ def _coerce(key: str, tp, value):
             pass
     if tp is bool and isinstance(value, bool) or tp is int and type(value) is int:
         return value
-    if tp in (float, str, dict) and isinstance(value, tp):
+    if tp in (float, str) and isinstance(value, tp):
         return value
+    if tp is dict and isinstance(value, dict):
+        return dict(value)
     raise ValueError(f"config key {key}: expected {_type_name(tp)}, got {value!r} "
                      f"({type(value).__name__})")
 
@@ -261,6 +268,7 @@ def validate(cfg: Config) -> None:
     if cfg.grpo.num_generations < 2:
         raise ValueError("config key grpo.num_generations: GRPO needs a group of >= 2 "
                          f"completions, got {cfg.grpo.num_generations}")
+    _validate_beta_schedule(cfg.grpo.beta_schedule)
     for name, weight in cfg.grpo.rewards.items():
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise ValueError(f"config key grpo.rewards.{name}: expected a number (the weight), "
@@ -269,6 +277,41 @@ def validate(cfg: Config) -> None:
         for k, v in getattr(cfg.eval, section).items():
             if not isinstance(v, str):
                 raise ValueError(f"config key eval.{section}.{k}: expected str, got {v!r}")
+
+
+def kl_schedule(spec: dict, total_steps: int):
+    """grpo.beta_schedule as a step -> beta function over `total_steps` optimizer steps."""
+    return beta_schedule(spec["kind"], total_steps,
+                         **{k: v for k, v in spec.items() if k != "kind"})
+
+
+def _validate_beta_schedule(spec: dict) -> None:
+    """grpo.beta_schedule: a known kind with exactly that schedule's parameters (numbers in
+    range), checked by the loss library's own beta_schedule. Numeric strings (YAML 1.1 reads
+    1e-5 as one) become floats in place."""
+    key = "config key grpo.beta_schedule"
+    kind = spec.get("kind")
+    try:
+        names = ", ".join(schedule_parameters(kind))
+    except ValueError:
+        raise ValueError(f"{key}.kind: expected one of grpo_d, constant, linear, cosine, got "
+                         f"{kind!r}") from None
+    for name, value in spec.items():
+        if name in ("kind", "preset"):
+            continue
+        if isinstance(value, str):
+            try:
+                value = spec[name] = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key}.{name}: expected a number, got {value!r}")
+    try:
+        kl_schedule(spec, 1)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}. The {kind} schedule takes {names}; to change the kind, "
+                         "give the whole mapping, e.g. grpo.beta_schedule={kind: constant, "
+                         "beta: 0.04}") from None
 
 
 def get(cfg: Config, dotted: str):

@@ -11,7 +11,7 @@ torchvision on CPU-only torch
     video processors work; the detection ops (nms, roi_align) stay unusable, and nothing in
     mr1fast calls them. Nothing inside site-packages is modified.
 
-The shim runs when mr1fast is imported and, through the `vllm.general_plugins` entry point
+The shim runs when mr1fast.rollout is imported and, through the `vllm.general_plugins` entry point
 (pyproject.toml), in every process vLLM starts.
 """
 from __future__ import annotations

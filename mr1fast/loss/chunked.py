@@ -3,30 +3,16 @@
 No [N, V] tensor is ever built: the forward keeps an online log-sum-exp (and entropy) across
 vocabulary chunks; the backward recomputes each logit chunk and turns it into dH and dW at once.
 Peak extra memory is a few [TOKEN_CHUNK, VOCAB_CHUNK] fp32 tiles plus fp32 gradient buffers.
+Nothing reads a device value on the host (no sync), on CUDA as on the CPU.
 """
 from __future__ import annotations
 
 import torch
 
+from mr1fast.kernels.gemm import acc_dtype, matmul_acc
+
 TOKEN_CHUNK = 1024
 VOCAB_CHUNK = 8192
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: fp32, or fp64 for fp64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def matmul_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b accumulated and returned in fp32 (fp64 for fp64). On CUDA, half inputs stay half
-    for the tensor cores with an fp32 output; elsewhere they are upcast first."""
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # torch without mm(out_dtype=): upcast instead
-            pass
-    dt = acc_dtype(a.dtype)
-    return torch.mm(a.to(dt), b.to(dt))
 
 
 def _logits(h, weight, bias, v0, v1, temperature):
@@ -88,8 +74,10 @@ def chunked_backward(hidden, weight, bias, targets, lse, grad_logp, temperature,
             z = _logits(h, weight, bias, v0, v1, temperature)
             dz = torch.exp(z - lse[n0:n1, None]).mul_(-g[n0:n1, None])
             here = (y >= v0) & (y < v1)
-            rows = torch.nonzero(here).view(-1)
-            dz[rows, y[rows] - v0] += g[n0:n1][rows]
+            # + g at each row's target column, when it lies in this chunk (one column per row:
+            # deterministic, and no nonzero(), which would sync).
+            dz.scatter_add_(1, (y - v0).clamp(0, v1 - v0 - 1)[:, None],
+                            torch.where(here, g[n0:n1], 0.0)[:, None])
             if temperature != 1.0:
                 dz /= temperature
             if dh is not None:
@@ -103,30 +91,23 @@ def chunked_backward(hidden, weight, bias, targets, lse, grad_logp, temperature,
             None if db is None else db.to(bias.dtype))
 
 
-def logprobs_function(name, forward, backward):
-    """An autograd.Function (hidden [n, d], weight, bias, targets, temperature) -> (logp,
-    entropy) from a forward(...) -> (logp, lse, entropy) and a backward(..., lse, grad_logp,
-    temperature, need_hidden, need_weight) -> (dh, dw, db). Entropy is not differentiable."""
+class ChunkedTokenLogprobs(torch.autograd.Function):
+    """(hidden [n, d], weight [V, d], bias [V] or None, targets [n] int64, temperature) ->
+    (logp [n], entropy [n]) in fp32 (fp64 for fp64). Differentiable w.r.t. hidden, weight and
+    bias through logp; the entropy is not differentiable."""
 
-    class Function(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, hidden, weight, bias, targets, temperature):
-            logp, lse, entropy = forward(hidden, weight, bias, targets, temperature)
-            ctx.save_for_backward(hidden, weight, bias, targets, lse)
-            ctx.temperature = temperature
-            ctx.mark_non_differentiable(entropy)
-            return logp, entropy
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature):
+        logp, lse, entropy = chunked_forward(hidden, weight, bias, targets, temperature)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
 
-        @staticmethod
-        def backward(ctx, grad_logp, _grad_entropy):
-            hidden, weight, bias, targets, lse = ctx.saved_tensors
-            dh, dw, db = backward(hidden, weight, bias, targets, lse, grad_logp, ctx.temperature,
-                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-            return dh, dw, db, None, None
-
-    Function.__name__ = Function.__qualname__ = name
-    return Function
-
-
-ChunkedTokenLogprobs = logprobs_function("ChunkedTokenLogprobs", chunked_forward,
-                                         chunked_backward)
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        dh, dw, db = chunked_backward(hidden, weight, bias, targets, lse, grad_logp,
+                                      ctx.temperature, ctx.needs_input_grad[0],
+                                      ctx.needs_input_grad[1])
+        return dh, dw, db, None, None

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import beta_schedule, grpo_loss, token_logprobs
+from ..loss import beta_schedule, grpo_loss, token_logprobs
 
 
 def demo(steps: int, impl: str, seed: int) -> int:
@@ -62,7 +62,7 @@ def bench(args: list[str]) -> int:
     """The pytest-benchmark suite; with --compare, the run is saved and checked against the
     device's baseline (bench/compare.py). `bench step ...` / `bench rollout ...` run the
     end-to-end step benchmark (with TRL side by side) / the rollout benchmark instead."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if args and args[0] in ("step", "rollout"):
         return subprocess.call([sys.executable, str(root / "bench" / f"{args[0]}.py"),
                                 *args[1:]], cwd=root)
@@ -94,7 +94,7 @@ def run_command(cmd: str, config: str | None, output_dir: str | None,
         print(f"mr1fast {cmd}: {e}", file=sys.stderr)
         return 2
     if cmd == "train":
-        from .train import train_grpo
+        from .grpo import train_grpo
         train_grpo(cfg)
     elif cmd == "sft":
         from .sft import run_sft

@@ -1,0 +1,51 @@
+"""The loss types and their normalisers: the one owner of how per-token losses are aggregated.
+
+TRL's definitions (GRPOTrainer, loss_type=...), on S sequences with token weights m (the mask):
+- grpo:    per sequence sum(l * m) / max(sum(m), 1), then the mean over all S sequences (fully
+           masked ones count): the paper's Eq. 4;
+- bnpo:    sum(l * m) / max(sum(m), 1) over the whole batch;
+- dr_grpo: sum(l * m) / (S * max_completion_length);
+- dapo:    sum(l * m) / num_items_in_batch (default: the batch's sum(m)).
+`token_scales` turns each into per-token factors s_t with loss = sum_t s_t * l_t;
+`micro_batch_weight` says how a micro-batch's loss counts in a larger batch's.
+"""
+from __future__ import annotations
+
+import torch
+
+# What each loss type's normaliser counts. A micro-batch's share of that count is its weight in
+# the whole batch's loss (see micro_batch_weight).
+NORMALISED_BY = {"grpo": "sequences", "bnpo": "tokens", "dr_grpo": "sequences",
+                 "dapo": "tokens"}
+LOSS_TYPES = tuple(NORMALISED_BY)
+
+
+def token_scales(batch) -> torch.Tensor:
+    """s_t [N] with loss = sum_t s_t * loss_t, for a mr1fast.loss.inputs.TokenBatch; 0 where
+    the mask is 0."""
+    m, S = batch.mask, batch.n_seqs
+    if batch.loss_type == "grpo":
+        # Segment sums by cumsum differences: deterministic, unlike index_add on CUDA.
+        csum = torch.cat([m.new_zeros(1), torch.cumsum(m, 0)])
+        counts = csum[batch.cu_seqlens[1:]] - csum[batch.cu_seqlens[:-1]]
+        return m / (S * counts.clamp(min=1.0))[batch.seq_id]
+    if batch.loss_type == "bnpo":
+        return m / m.sum().clamp(min=1.0)
+    if batch.loss_type == "dr_grpo":
+        return m / (S * batch.max_completion_length)
+    return m / batch.num_items
+
+
+def micro_batch_weight(loss_type: str, micro_mask: torch.Tensor,
+                       batch_mask: torch.Tensor) -> torch.Tensor:
+    """The weight w of a micro-batch's grpo_loss (computed on its own, with the default
+    normalisers) in the loss of the batch it belongs to: the sum over micro-batches of
+    w * grpo_loss(micro) is grpo_loss(batch). micro_mask [b, T] and batch_mask [B, T] are the
+    token masks (rows = sequences). Returns a 0-d fp32 tensor on the masks' device (no sync:
+    torch.full launches a fill, it copies nothing from the host)."""
+    if loss_type not in NORMALISED_BY:
+        raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
+    if NORMALISED_BY[loss_type] == "sequences":
+        return torch.full((), micro_mask.shape[0] / batch_mask.shape[0],
+                          device=micro_mask.device)
+    return micro_mask.float().sum() / batch_mask.float().sum().clamp(min=1.0)

@@ -1,0 +1,283 @@
+"""The scaffolding every training loop shares (GRPO, SFT), so the loops hold only their algorithm.
+
+`setup(cfg)` resolves what the config names: the run directory (with config.yaml), the model
+(a preset is built once into the cache), its prompt encoder, the trainable model and the
+training examples.
+
+`Run` owns the rest of a loop's plumbing: the optimizer and its learning-rate schedule, the data
+order, resuming from the newest checkpoint (weights, optimizer, RNG, data position, extra state),
+gradient clipping and the optimizer step, the one place where non-finite values are handled (a
+NaN/inf loss or gradient norm skips the optimizer step; `grpo.max_bad_steps` in a row stop the
+run), the metrics log and progress bar, checkpoints every `log.save_every` steps, and cleanup:
+
+    with Run(cfg, cfg.sft, run_dir, model, encoder, order, total, desc="sft") as run:
+        for step in run.steps():                  # from the resumed step on
+            examples = [train_set[i] for i in run.order.next()]
+            lr = run.set_lr(step)
+            ...                                   # forward + backward
+            applied, grad_norm = run.optimizer_step(loss)
+            run.end_step(step, {"loss": loss, "lr": lr, ...})
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, save_config
+from .data import DataOrder, Example, load_task
+from .metrics import MetricsLogger, Progress, plot_metrics
+from .model import PromptEncoder, default_device, load_model, model_dtype, resolve_model
+
+
+def log(msg: str) -> None:
+    print(f"[mr1fast] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Setup:
+    run_dir: Path
+    model_path: str            # the resolved checkpoint folder or hub id
+    encoder: PromptEncoder
+    model: torch.nn.Module     # trainable, on `device`
+    train_set: list[Example]
+    device: torch.device
+
+
+def setup(cfg: Config) -> Setup:
+    """The run directory (config.yaml written), model, encoder and training examples, as
+    configured."""
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    device = default_device(cfg.model.device)
+    model_path = resolve_model(cfg.model.name, cfg, log)
+    encoder = PromptEncoder(model_path)
+    model = load_model(model_path, device=device, dtype=model_dtype(cfg.model.dtype, device),
+                       gradient_checkpointing=cfg.model.gradient_checkpointing,
+                       freeze_vision=cfg.model.freeze_vision)
+    train_set = load_task(cfg.data.train, cfg, encoder, split=cfg.data.split,
+                          n=cfg.data.synthetic_size, limit=cfg.data.limit,
+                          max_prompt_length=cfg.data.max_prompt_length, strict=cfg.data.strict,
+                          warn=log)
+    return Setup(run_dir, model_path, encoder, model, train_set, device)
+
+
+def total_steps(n_examples: int, per_step: int, epochs: float, max_steps: int) -> int:
+    if max_steps > 0:
+        return max_steps
+    steps = int(epochs * (n_examples // per_step))
+    if steps <= 0:
+        raise ValueError(f"{n_examples} examples with {per_step} per step and epochs={epochs} "
+                         "give no training step: add data or lower the batch size")
+    return steps
+
+
+class Run:
+    """A training loop's plumbing (module doc). `section` is the loop's config section
+    (cfg.grpo or cfg.sft: lr, lr_schedule, warmup_ratio, weight_decay, max_grad_norm);
+    `total` loop steps of `updates_per_step` optimizer steps each (the LR schedule spans all
+    of them). `resumable=False` (the SFT warm-up inside a GRPO run) neither resumes, nor writes
+    periodic checkpoints, nor logs to TensorBoard / W&B."""
+
+    def __init__(self, cfg: Config, section, run_dir: Path, model, encoder, order: DataOrder,
+                 total: int, *, updates_per_step: int = 1, desc: str, resumable: bool = True):
+        self.cfg, self.section, self.run_dir = cfg, section, Path(run_dir)
+        self.model, self.encoder, self.order, self.total = model, encoder, order, total
+        self.optimizer_steps = total * updates_per_step
+        self.resumable = resumable
+        self.optimizer = make_optimizer(model, section.lr, section.weight_decay)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.start, self.state = 0, {}
+        ckpt = latest_checkpoint(self.run_dir) if resumable else None
+        if ckpt is not None:
+            self.state = load_checkpoint(ckpt, model, self.optimizer)
+            self.start = self.state["step"]
+            order.restore(**self.state["data"])
+            log(f"resumed from {ckpt} at step {self.start}")
+        self.skipped = self.consecutive_bad = 0
+        self.logger = MetricsLogger(self.run_dir, tensorboard=resumable and cfg.log.tensorboard,
+                                    wandb=resumable and cfg.log.wandb, resume=self.start > 0)
+        self.logger.truncate_after(self.start + 1)
+        self.progress = Progress(total, initial=self.start, desc=desc,
+                                 disable=None if cfg.log.progress else True)
+
+    def steps(self) -> range:
+        return range(self.start, self.total)
+
+    def set_lr(self, optimizer_step: int) -> float:
+        """Linear warm-up over warmup_ratio of the optimizer steps, then the schedule."""
+        s = self.section
+        lr = lr_at(optimizer_step, self.optimizer_steps, s.lr, s.lr_schedule, s.warmup_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_step(self, loss: torch.Tensor) -> tuple[bool, float]:
+        """Clip the accumulated gradients, step unless the loss or the gradient norm is NaN/inf
+        (the one host sync of an update), zero the gradients. Returns (applied, grad_norm)."""
+        max_norm = self.section.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.params if p.grad is not None],
+            max_norm if max_norm > 0 else float("inf"))
+        loss_value, norm_value = torch.stack([loss.detach().float().reshape(()).to(norm.device),
+                                              norm.float()]).tolist()
+        applied = math.isfinite(loss_value) and math.isfinite(norm_value)
+        if applied:
+            self.optimizer.step()
+            self.consecutive_bad = 0
+        else:
+            self.skipped += 1
+            self.consecutive_bad += 1
+            log(f"non-finite loss ({loss_value}) or gradient norm ({norm_value}); optimizer "
+                f"step skipped ({self.consecutive_bad} in a row)")
+            if self.consecutive_bad >= self.cfg.grpo.max_bad_steps:
+                raise RuntimeError(
+                    f"stopping: {self.consecutive_bad} consecutive steps had a NaN/inf loss or "
+                    "gradient. Lower the learning rate, check the rewards, or use fp32 "
+                    "(model.dtype=fp32); the last checkpoint is intact.")
+        self.zero_grad()
+        return applied, norm_value
+
+    def end_step(self, step: int, metrics: dict, **state) -> None:
+        """Log step + 1's metrics, advance the progress bar, and write a checkpoint (with the
+        data position and `state`) when one is due."""
+        metrics["skipped_steps"] = self.skipped
+        self.logger.log(step + 1, metrics)
+        self.progress.update(metrics)
+        due = (step + 1) % self.cfg.log.save_every == 0 or step + 1 == self.total
+        if self.resumable and due:
+            self.save(step + 1, **state)
+
+    def save(self, step: int, name: Optional[str] = None, **state) -> Path:
+        """An atomic checkpoint of the model, the optimizer (not in a named final one), the RNGs,
+        the data position and `state`."""
+        return save_checkpoint(self.run_dir, step, self.model, self.encoder,
+                               None if name else self.optimizer,
+                               {"step": step, "data": self.order.state(), **state},
+                               keep=self.cfg.log.keep_checkpoints, name=name)
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.close()
+        self.logger.close()
+        plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "metrics.png")
+
+
+def make_optimizer(model, lr: float, weight_decay: float):
+    """AdamW; on fp32 master copies when the weights are bf16 (see MasterWeightsAdamW)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if all(p.dtype == torch.float32 for p in params):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return MasterWeightsAdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+class MasterWeightsAdamW:
+    """AdamW on fp32 master copies of bf16 parameters. Applied to bf16 weights directly, an
+    update of lr = 1e-6 (the paper's) rounds away: a weight of 0.02 has a bf16 spacing of
+    ~1.2e-4. Gradients are upcast into the masters, the step runs in fp32, and the result is
+    rounded back into the model's bf16 weights. The masters are part of the state_dict."""
+
+    def __init__(self, params, lr: float, weight_decay: float):
+        self.params = list(params)
+        self.master = [p.detach().float().clone() for p in self.params]
+        self.inner = torch.optim.AdamW(self.master, lr=lr, weight_decay=weight_decay)
+        self.param_groups = self.inner.param_groups
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, m in zip(self.params, self.master):
+            m.grad = None if p.grad is None else p.grad.float()
+        self.inner.step()
+        for p, m in zip(self.params, self.master):
+            p.copy_(m)
+            m.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        return {"adamw": self.inner.state_dict(), "master": list(self.master)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["adamw"])
+        for m, saved in zip(self.master, state["master"]):
+            m.copy_(saved)
+
+
+def lr_at(step: int, total: int, lr: float, schedule: str, warmup_ratio: float) -> float:
+    """Linear warm-up over warmup_ratio * total steps, then constant, linear or cosine decay."""
+    warmup = int(round(warmup_ratio * total))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return lr * (1.0 - progress)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def micro_batches(n: int, size: int) -> list[slice]:
+    """Consecutive slices of at most `size` rows (all n when size <= 0): views, so indexing a
+    device tensor with one copies and syncs nothing."""
+    size = n if size <= 0 else min(size, n)
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+class MicroBatchFit:
+    """Micro-batches of the configured size, or (size 0) the largest that fits: the whole
+    batch first, halved on each CUDA out-of-memory error; the size found is kept.
+
+        for attempt in fit.attempts(n, on_retry=run.zero_grad):
+            with attempt:                         # an out-of-memory error ends this attempt
+                for idx in attempt.micro_batches:
+                    ...
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def attempts(self, n: int, on_retry=None):
+        while True:
+            attempt = _Attempt(self, n, on_retry)
+            yield attempt
+            if attempt.done:
+                return
+
+
+class _Attempt:
+    def __init__(self, fit: MicroBatchFit, n: int, on_retry):
+        self.fit, self.on_retry, self.done = fit, on_retry, False
+        self.size = n if fit.size <= 0 else min(fit.size, n)
+        self.micro_batches = micro_batches(n, self.size)
+
+    def __enter__(self) -> "_Attempt":
+        return self
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if kind is None:
+            self.done = True
+            return False
+        if not issubclass(kind, torch.cuda.OutOfMemoryError) or self.size == 1:
+            return False
+        self.fit.size = self.size // 2
+        log(f"out of memory with micro-batches of {self.size}; retrying with {self.fit.size}")
+        if self.on_retry is not None:
+            self.on_retry()
+        torch.cuda.empty_cache()
+        return True
