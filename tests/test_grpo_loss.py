@@ -307,3 +307,63 @@ def test_auto_picks_torch_on_cpu():
     from mr1fast.loss import resolve_impl
     assert resolve_impl("auto", torch.device("cpu"), torch.float32) == "torch"
     assert mr1fast.grpo_loss is grpo_loss
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_checks_off_gives_the_same_results(case, impl):
+    """check_values=False computes the masked tokens too (at weight 0) instead of dropping
+    them: the loss, gradients and stats are those of the checked path."""
+    hidden, weight, targets, adv, kw = make_case(CASES[case])
+    entropy = CASES[case].get("entropy", False)
+    want = run(impl, hidden, weight, targets, adv, kw, torch.float32, entropy=entropy)
+    got = run(impl, hidden, weight, targets, adv, dict(kw, check_values=False), torch.float32,
+              entropy=entropy)
+    atol, rtol = 1e-6, 1e-5
+    assert_close("loss", got[0], want[0], atol, rtol)
+    for k in want[2]:
+        assert_close(k, got[2][k], want[2][k], atol, rtol)
+    for k in want[1]:
+        assert_close(k, got[1][k], want[1][k], atol, rtol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_checks_off_ignores_garbage_at_masked_tokens(impl):
+    """Unchecked, the masked tokens reach the kernels: their -100 targets, NaN old log-probs
+    and reference log-probs far enough to overflow exp() must still contribute exactly 0."""
+    hidden, weight, targets, adv, kw = make_case(CASES["grpo_offpolicy_kl_bias_temp"])
+    want = run(impl, hidden, weight, targets, adv, kw, torch.float32)
+    dead = kw["mask"] == 0
+    bad = dict(kw, check_values=False,
+               old_logp=torch.where(dead, float("nan"), kw["old_logp"]),
+               ref_logp=torch.where(dead, 200.0, kw["ref_logp"]))
+    got = run(impl, hidden, weight, torch.where(dead, -100, targets), adv, bad, torch.float32)
+    assert torch.isfinite(got[0])
+    assert_close("loss", got[0], want[0], 1e-6, 1e-5)
+    for k in want[2]:
+        assert_close(k, got[2][k], want[2][k], 1e-6, 1e-5)
+    assert (got[1]["logp"][dead] == 0).all()
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_micro_batch_weights_add_up_to_the_whole_batch(loss_type):
+    """sum over micro-batches of micro_batch_weight * grpo_loss(micro) == grpo_loss(batch), in
+    the loss and in the gradients, for every loss type (uneven micro-batches, a fully masked
+    sequence)."""
+    from mr1fast.loss import micro_batch_weight
+    c = dict(CASES["grpo_offpolicy_kl_bias_temp"], B=7, loss_type=loss_type)
+    hidden, weight, targets, adv, kw = make_case(c)
+    kw["max_completion_length"] = 6
+    want = run("torch", hidden, weight, targets, adv, kw, torch.float64)
+    w = weight.detach().clone().requires_grad_()
+    total = 0.0
+    for rows in (slice(0, 3), slice(3, 6), slice(6, 7)):
+        part = {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() == 2 else v
+                for k, v in kw.items()}
+        loss, _ = grpo_loss(hidden[rows], w, targets[rows], adv[rows], impl="torch", **part)
+        loss = loss * micro_batch_weight(loss_type, kw["mask"][rows], kw["mask"])
+        loss.backward()
+        total = total + loss.detach()
+    # The weights are fp32 (the trainer's masks are): fp32 rounding, not fp64.
+    assert_close("loss", total, want[0], 1e-9, 1e-6)
+    assert_close("dW", w.grad, want[2]["dW"], 1e-9, 1e-6)

@@ -151,26 +151,33 @@ def _per_token_input(name, x, shape, device, active, check_values):
 
 
 def _packed_layout(cu_seqlens, T: int, dev, check_values: bool):
-    """(cu [S + 1] int64 on dev, seq_id [T] int64, longest sequence or None) of the packed
-    layout. The longest sequence is known without a sync only when cu_seqlens is on the CPU."""
+    """(cu [S + 1] int64 on dev, seq_id [T] int64) of the packed layout."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or \
             cu_seqlens.is_floating_point() or cu_seqlens.numel() < 2:
         raise _err("cu_seqlens", "a 1-D integer tensor [S + 1]", cu_seqlens)
-    host = cu_seqlens.device.type == "cpu"
-    if check_values or host:
-        c = cu_seqlens.cpu().long()
-        lens = c[1:] - c[:-1]
-        if int(c[0]) != 0 or int(c[-1]) != T or bool((lens < 0).any()):
+    if check_values:
+        c = cu_seqlens.tolist()
+        if c[0] != 0 or c[-1] != T or any(b < a for a, b in zip(c, c[1:])):
             raise ValueError(f"cu_seqlens: expected 0 = c_0 <= c_1 <= ... <= c_S = T_total = {T},"
-                             f" got {c.tolist()}")
-        longest = int(lens.max())
-    else:
-        longest = None
+                             f" got {c}")
     cu = cu_seqlens.to(device=dev, dtype=torch.int64, non_blocking=True)
     lens = cu[1:] - cu[:-1]
     # output_size: the result's length is known (T), so no sync to find it.
     seq_id = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), lens, output_size=T)
-    return cu, seq_id, longest
+    return cu, seq_id
+
+
+def _longest_sequence(cu_seqlens, T: int, check_values: bool) -> int:
+    """dr_grpo's default max_completion_length: the longest sequence. Read on the host: free for
+    a CPU cu_seqlens, a sync for a device one (allowed only with the checks on)."""
+    if cu_seqlens is None:
+        return T
+    if cu_seqlens.device.type != "cpu" and not check_values:
+        raise ValueError("max_completion_length: required for loss_type='dr_grpo' with a device "
+                         "cu_seqlens and check_values=False (finding the longest sequence would "
+                         "sync)")
+    c = cu_seqlens.tolist()
+    return max(b - a for a, b in zip(c, c[1:]))
 
 
 def prepare_batch(hidden, weight, targets, advantages=None, *, rewards=None, group_size=None,
@@ -212,12 +219,11 @@ def prepare_batch(hidden, weight, targets, advantages=None, *, rewards=None, gro
     if cu_seqlens is None:
         cu = torch.arange(B + 1, device=dev, dtype=torch.int64) * T
         seq_id = torch.arange(B, device=dev).repeat_interleave(T)
-        longest = T
     else:
         if B != 1:
             raise _err("hidden", "shape [1, T_total, d] in the packed layout (cu_seqlens given)",
                        hidden)
-        cu, seq_id, longest = _packed_layout(cu_seqlens, T, dev, check_values)
+        cu, seq_id = _packed_layout(cu_seqlens, T, dev, check_values)
     S = cu.numel() - 1
 
     if (advantages is None) == (rewards is None):
@@ -280,14 +286,9 @@ def prepare_batch(hidden, weight, targets, advantages=None, *, rewards=None, gro
                    eps_low)
     if loss_type not in LOSS_TYPES:
         raise _err("loss_type", f"one of {LOSS_TYPES}", repr(loss_type))
-    if max_completion_length is None and loss_type == "dr_grpo":
-        if longest is None:
-            raise ValueError("max_completion_length: required for loss_type='dr_grpo' with a "
-                             "device cu_seqlens and check_values=False (finding the longest "
-                             "sequence would sync)")
-        max_completion_length = longest
-    if max_completion_length is None:
-        max_completion_length = 1  # unused by the other loss types
+    if max_completion_length is None:  # only dr_grpo uses it
+        max_completion_length = _longest_sequence(cu_seqlens, T, check_values) \
+            if loss_type == "dr_grpo" else 1
     if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) or \
             max_completion_length < 1:
         raise _err("max_completion_length", "an int >= 1", max_completion_length)

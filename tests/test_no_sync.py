@@ -1,0 +1,114 @@
+"""The hot path never synchronises the GPU with the host: grpo_loss and token_logprobs, forward
+and backward, with check_values=False (as the trainer calls them).
+
+On the CPU, the tensor methods and torch functions that read device values on the host or
+give data-dependent shapes (item, tolist, bool(), int(), float(), nonzero, unique, boolean-mask
+indexing, repeat_interleave without output_size, ...) are instrumented, and the calls made from
+mr1fast's own code are counted: there must be none. (Triton's CPU interpreter copies tensors to
+numpy by design; its calls come from Triton's files and are not counted.) With the checks on the
+same instrument counts calls, so it can fail. On CUDA, torch.cuda.set_sync_debug_mode("error")
+turns any synchronising call into an error.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_grpo_loss import CASES, make_case
+
+import mr1fast
+import mr1fast.kernels.gemm
+from mr1fast import grpo_loss, token_logprobs
+
+OWN_CODE = (str(Path(mr1fast.__file__).parent), str(Path(mr1fast.kernels.gemm.__file__).parent))
+METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu",
+           "nonzero", "unique", "masked_select", "repeat_interleave", "__getitem__",
+           "__setitem__")
+FUNCTIONS = ("nonzero", "unique", "masked_select", "repeat_interleave", "argwhere")
+
+
+def _syncs(name, args, kwargs) -> bool:
+    """Whether this call reads device values on the host or has a data-dependent shape."""
+    if name in ("__getitem__", "__setitem__"):
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+    if name == "repeat_interleave":
+        repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+        return isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None
+    return True
+
+
+@pytest.fixture
+def sync_calls(monkeypatch):
+    """A list that collects (name, file, line) of every syncing call from mr1fast's code."""
+    calls = []
+
+    def wrap(name, original):
+        def counted(*args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(OWN_CODE) and _syncs(name, args, kwargs):
+                calls.append((name, Path(caller).name, sys._getframe(1).f_lineno))
+            return original(*args, **kwargs)
+        return counted
+
+    for name in METHODS:
+        monkeypatch.setattr(torch.Tensor, name, wrap(name, getattr(torch.Tensor, name)))
+    for name in FUNCTIONS:
+        monkeypatch.setattr(torch, name, wrap(name, getattr(torch, name)))
+    return calls
+
+
+def trainer_like_call(case, impl, check_values):
+    """grpo_loss forward + backward as the trainer calls it, then token_logprobs (no grad, as
+    for the old and reference log-probs) and its backward."""
+    hidden, weight, targets, adv, kw = make_case(CASES[case])
+    h = hidden.float().requires_grad_()
+    w = weight.float().requires_grad_()
+    if kw.get("bias") is not None:
+        kw["bias"] = kw["bias"].float()
+    if "max_completion_length" not in kw and kw["loss_type"] == "dr_grpo":
+        kw["max_completion_length"] = targets.shape[1]
+    loss, stats = grpo_loss(h, w, targets, adv, return_entropy=True, impl=impl,
+                            check_values=check_values, **kw)
+    loss.backward()
+    logp = token_logprobs(h, w, targets, bias=kw.get("bias"), temperature=kw["temperature"],
+                          impl=impl, check_values=check_values)
+    logp.sum().backward()
+    return loss, stats
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton", "naive"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_loss_with_checks_off_never_syncs(sync_calls, case, impl):
+    trainer_like_call(case, impl, check_values=False)
+    assert sync_calls == [], f"syncing calls in the loss with check_values=False: {sync_calls}"
+
+
+def test_the_instrument_sees_the_checks_syncs(sync_calls):
+    trainer_like_call("bnpo_onpolicy_iw_token_adv", "torch", check_values=True)
+    names = {name for name, _, _ in sync_calls}
+    assert {"nonzero", "__bool__"} <= names, sync_calls
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_micro_step_has_no_host_sync(dtype):
+    """A training micro-step's loss (forward and backward) under sync-debug mode "error"."""
+    hidden, weight, targets, adv, kw = make_case(CASES["grpo_offpolicy_kl_bias_temp"])
+    cuda = (lambda x: x.cuda() if isinstance(x, torch.Tensor) else x)
+    kw = {k: cuda(v) for k, v in kw.items()}
+    kw["bias"] = kw["bias"].to(dtype)
+    h = hidden.to(dtype).cuda().requires_grad_()
+    w = weight.to(dtype).cuda().requires_grad_()
+    targets, adv = targets.cuda(), adv.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, _ = grpo_loss(h, w, targets, adv, return_entropy=True, impl="triton",
+                            check_values=False, **kw)
+        loss.backward()
+        token_logprobs(h, w, targets, bias=kw["bias"], temperature=kw["temperature"],
+                       impl="triton", check_values=False).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item() and torch.isfinite(w.grad).all().item()
