@@ -21,5 +21,5 @@ fi
 # them: their native libraries cannot load next to CPU torch, and transformers imports
 # torchaudio whenever it is installed (a failing import breaks every model load). Nothing
 # mr1fast or vLLM's Qwen2-VL path runs needs them, so they are removed. (torchvision, also
-# CUDA-linked, is needed and made importable by mr1fast/compat.py.)
+# CUDA-linked, is needed and made importable by mr1fast/rollout/compat.py.)
 .venv/bin/pip uninstall -q -y torchaudio torchcodec 2>/dev/null || true
