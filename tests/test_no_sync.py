@@ -1,10 +1,11 @@
 """The hot path never synchronises the GPU with the host: grpo_loss and token_logprobs, forward
 and backward, with check_values=False (as the trainer calls them).
 
-On the CPU, the tensor methods and torch functions that read device values on the host or
-give data-dependent shapes (item, tolist, bool(), int(), float(), nonzero, unique, boolean-mask
-indexing, repeat_interleave without output_size, ...) are instrumented, and the calls made from
-mr1fast's own code are counted: there must be none. (Triton's CPU interpreter copies tensors to
+On the CPU, the operations that read device values on the host or give data-dependent shapes
+are instrumented (a TorchDispatchMode sees every ATen op, in the backward too: the scalar reads
+behind item(), bool(), int() and float(), nonzero, unique, boolean-mask indexing,
+repeat_interleave without output_size, ...; plus the tolist / numpy / cpu methods), and the calls
+made from mr1fast's own code are counted: there must be none. (Triton's CPU interpreter copies tensors to
 numpy by design; its calls come from Triton's files and are not counted.) With the checks on the
 same instrument counts calls, so it can fail. On CUDA, torch.cuda.set_sync_debug_mode("error")
 turns any synchronising call into an error.
@@ -15,47 +16,75 @@ from pathlib import Path
 import pytest
 import torch
 from test_grpo_loss import CASES, make_case
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mr1fast
 import mr1fast.kernels.gemm
 from mr1fast import grpo_loss, token_logprobs
 
 OWN_CODE = (str(Path(mr1fast.__file__).parent), str(Path(mr1fast.kernels.gemm.__file__).parent))
-METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu",
-           "nonzero", "unique", "masked_select", "repeat_interleave", "__getitem__",
-           "__setitem__")
-FUNCTIONS = ("nonzero", "unique", "masked_select", "repeat_interleave", "argwhere")
+TORCH = str(Path(torch.__file__).parent)
+# ATen ops that read a device value on the host (_local_scalar_dense: item(), bool(), int(),
+# float()) or whose output shape depends on values.
+SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "argwhere", "_unique",
+               "_unique2", "unique_dim", "unique_consecutive"}
+# Tensor methods that copy to the host without an ATen op on CPU tensors.
+HOST_METHODS = ("tolist", "numpy", "cpu")
 
 
-def _syncs(name, args, kwargs) -> bool:
-    """Whether this call reads device values on the host or has a data-dependent shape."""
-    if name in ("__getitem__", "__setitem__"):
-        index = args[1] if isinstance(args[1], tuple) else (args[1],)
-        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
-    if name == "repeat_interleave":
-        repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
-        return isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None
-    return True
+def _syncs(func, args, kwargs) -> bool:
+    name = func.overloadpacket.__name__
+    if name in SYNCING_OPS:
+        return True
+    if name in ("index", "index_put", "index_put_"):  # boolean-mask indexing
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ())
+    if func is torch.ops.aten.repeat_interleave.Tensor:
+        return kwargs.get("output_size", args[1] if len(args) > 1 else None) is None
+    return False
+
+
+def _caller(depth: int) -> str:
+    """The file of the innermost calling frame outside torch itself."""
+    frame = sys._getframe(depth)
+    while frame is not None and frame.f_code.co_filename.startswith(TORCH):
+        frame = frame.f_back
+    return "" if frame is None else f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+class SyncCounter(TorchDispatchMode):
+    """Records the syncing ATen ops called from mr1fast's code (forward and backward)."""
+
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _syncs(func, args, kwargs):
+            where = _caller(2)
+            if where.startswith(OWN_CODE):
+                self.calls.append((func.overloadpacket.__name__, where))
+        return func(*args, **kwargs)
 
 
 @pytest.fixture
 def sync_calls(monkeypatch):
-    """A list that collects (name, file, line) of every syncing call from mr1fast's code."""
+    """A list that collects (what, where) of every syncing call from mr1fast's code while the
+    test runs."""
     calls = []
 
     def wrap(name, original):
         def counted(*args, **kwargs):
-            caller = sys._getframe(1).f_code.co_filename
-            if caller.startswith(OWN_CODE) and _syncs(name, args, kwargs):
-                calls.append((name, Path(caller).name, sys._getframe(1).f_lineno))
+            where = _caller(2)
+            if where.startswith(OWN_CODE):
+                calls.append((name, where))
             return original(*args, **kwargs)
         return counted
 
-    for name in METHODS:
+    for name in HOST_METHODS:  # plain methods (not type slots): safe to patch and restore
         monkeypatch.setattr(torch.Tensor, name, wrap(name, getattr(torch.Tensor, name)))
-    for name in FUNCTIONS:
-        monkeypatch.setattr(torch, name, wrap(name, getattr(torch, name)))
-    return calls
+    with SyncCounter(calls):
+        yield calls
 
 
 def trainer_like_call(case, impl, check_values):
@@ -86,8 +115,8 @@ def test_loss_with_checks_off_never_syncs(sync_calls, case, impl):
 
 def test_the_instrument_sees_the_checks_syncs(sync_calls):
     trainer_like_call("bnpo_onpolicy_iw_token_adv", "torch", check_values=True)
-    names = {name for name, _, _ in sync_calls}
-    assert {"nonzero", "__bool__"} <= names, sync_calls
+    names = {name for name, _ in sync_calls}
+    assert {"nonzero", "_local_scalar_dense"} <= names, sync_calls
 
 
 @pytest.mark.cuda
