@@ -13,6 +13,7 @@ CUDA the max allocated minus inputs (and minus the returned gradients); on CPU t
 child process that runs one measurement, minus its RSS before (forward and forward+backward).
 Mode fwd runs grpo_loss under autograd (as in training) and token_logprobs without it (as for
 the old-policy and reference log-probs); bwd times the backward alone, after an untimed forward.
+mr1fast's impls run with check_values=False, as the trainer calls them (no host syncs).
 
 The CPU set takes a few minutes on 2 cores; the GPU set holds the Qwen2-VL-2B (d=1536,
 V=151936) and Qwen2.5-VL-7B (d=3584, V=152064) shapes. `bench/compare.py` checks a run against
@@ -75,12 +76,14 @@ def make_inputs(N, d, V, dtype, device):
 
 def make_forward(op, provider, x):
     """A closure computing the scalar to differentiate (forward only)."""
+    # check_values=False, as the trainer calls them: no host syncs inside the timed region.
     if op == "token_logprobs":
-        return lambda: mr1fast.token_logprobs(x["h"], x["w"], x["y"], impl=provider).sum()
+        return lambda: mr1fast.token_logprobs(x["h"], x["w"], x["y"], impl=provider,
+                                              check_values=False).sum()
     if provider in ("triton", "torch", "naive"):
         return lambda: mr1fast.grpo_loss(x["h"], x["w"], x["y"], x["adv"], mask=x["mask"],
                                          old_logp=x["old"], ref_logp=x["ref"], beta=BETA,
-                                         impl=provider)[0]
+                                         impl=provider, check_values=False)[0]
     if provider == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
         fn = LigerFusedLinearGRPOLoss(beta=BETA, compiled=False, loss_type="grpo")

@@ -46,12 +46,11 @@ def main(argv=None) -> int:
     ap.add_argument("--save-results", action="store_true")
     args = ap.parse_args(argv)
 
-    import mr1fast.rollout  # noqa: F401  (the torchvision shim, before transformers)
-    from mr1fast.trainer.data import make_counting, question
-    from mr1fast.trainer.model import PromptEncoder, init_tiny_model, load_model
-    from mr1fast.rollout import HFSampler, SamplingParams
-    from mr1fast.trainer.grpo import sync_weights
+    from mr1fast.rollout import HFSampler, SamplingParams  # first: the torchvision shim
     from mr1fast.rollout.vllm_sampler import VLLMSampler
+    from mr1fast.trainer.data import make_counting, question
+    from mr1fast.trainer.grpo import sync_weights
+    from mr1fast.trainer.model import PromptEncoder, init_tiny_model, load_model
 
     path = args.model
     if path == "tiny":

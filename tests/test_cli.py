@@ -48,3 +48,18 @@ def test_train_cli_end_to_end(tmp_path, cache_dir, capsys):
     assert "eval after SFT warm-up: counting" in out and "eval after GRPO-D: counting" in out
     for name in ("config.yaml", "metrics.jsonl", "metrics.png", "eval.json"):
         assert (run / name).is_file(), name
+
+
+def test_bench_passes_its_arguments_through(monkeypatch):
+    """`mr1fast bench --compare -k x` reaches pytest with -k x (and the comparison runs after a
+    passing suite); `bench step ...` reaches bench/step.py."""
+    import mr1fast.trainer.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: calls.append(cmd) or 0)
+    assert main(["bench", "--compare", "-k", "fwd"]) == 0
+    assert calls[0][-4:] == ["--benchmark-only", "-k", "fwd", "--save-results"]
+    assert calls[1][-1].endswith(".json") and "compare.py" in calls[1][-2]
+    calls.clear()
+    assert main(["bench", "step", "--models", "tiny"]) == 0
+    assert calls[0][1].endswith("step.py") and calls[0][2:] == ["--models", "tiny"]

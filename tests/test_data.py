@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from mr1fast.trainer import data
-from mr1fast.trainer.data import (PROMPT_SUFFIX, answer_text, load_examples, make_counting, make_geometry,
-                          question, resolve_source, synthetic_dataset, write_examples)
+from mr1fast.trainer.data import (PROMPT_SUFFIX, answer_text, load_examples, make_counting,
+                                  make_geometry, question, resolve_source, synthetic_dataset,
+                                  write_examples)
 
 
 def png(image):

@@ -200,9 +200,9 @@ def test_runtime_scalars_are_not_constexpr():
         cx = _constexpr_params(k)
         assert cx, "signature inspection found no constexpr at all"
         params = set(inspect.signature(getattr(k, "fn", k)).parameters)
-        runtime = {"beta_ptr", "inv_temperature", "eps_low", "eps_high"} & params
+        runtime = {"beta_ptr", "beta", "adv_eps", "inv_temperature", "eps_low", "eps_high"} & params
         assert not runtime & cx, f"{runtime & cx} must be runtime arguments"
-    assert {"beta_ptr", "eps_low", "eps_high"} <= set(
+    assert {"beta_ptr", "beta", "adv_eps", "eps_low", "eps_high"} <= set(
         inspect.signature(gk._grpo_loss_fwd_kernel.fn).parameters)
 
 
@@ -218,7 +218,9 @@ def test_beta_changes_never_recompile_on_gpu():
         caches = gk._grpo_loss_fwd_kernel.device_caches
         return sum(len(c[0]) for c in caches.values())
 
+    # One specialisation for a float beta, one for a tensor (a pointer): then none for values.
     grpo_loss(*args, **dict(kw, beta=0.01), impl="triton")[0].item()
+    grpo_loss(*args, **dict(kw, beta=torch.tensor(0.01, device="cuda")), impl="triton")
     before = n_compiled()
     for beta in (0.02, 0.07, torch.tensor(0.1, device="cuda"), 0.0):
         grpo_loss(*args, **dict(kw, beta=beta, eps_low=0.1 + beta * 0.1 if

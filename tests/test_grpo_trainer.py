@@ -9,9 +9,9 @@ import mr1fast.trainer.grpo as train_module
 from mr1fast.trainer.checkpoint import STATE_FILE, latest_checkpoint
 from mr1fast.trainer.config import embedded_default, from_dict
 from mr1fast.trainer.evaluate import run_eval
+from mr1fast.trainer.grpo import train_grpo
 from mr1fast.trainer.metrics import read_metrics
 from mr1fast.trainer.sft import run_sft
-from mr1fast.trainer.grpo import train_grpo
 
 
 def tiny_config(run_dir, cache_dir, **sections):

@@ -6,8 +6,8 @@ import torch
 
 from mr1fast import token_logprobs
 from helpers import tiny_policy_and_prompts
-from mr1fast.trainer.model import completion_hidden, encode_images, lm_head_weight, load_model
 from mr1fast.rollout import HFSampler, SamplingParams, completion_mask
+from mr1fast.trainer.model import completion_hidden, encode_images, lm_head_weight, load_model
 
 
 @pytest.fixture(scope="module")

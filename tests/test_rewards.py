@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from mr1fast.trainer.rewards import (BUILTIN_REWARDS, RewardRunner, accuracy_reward, count_accuracy,
-                             format_reward, math_accuracy, resolve_reward)
+from mr1fast.trainer.rewards import (BUILTIN_REWARDS, RewardRunner, accuracy_reward,
+                                     count_accuracy, format_reward, math_accuracy,
+                                     resolve_reward)
 
 import reward_fixtures
 

@@ -9,15 +9,14 @@ import torch
 from PIL import Image
 
 from mr1fast import grpo_loss
-from mr1fast.trainer.cli import main
-from mr1fast.trainer.metrics import read_metrics
-from mr1fast.trainer.model import (PromptEncoder, completion_hidden, encode_images, lm_head_weight,
-                           load_model)
-from mr1fast.rollout import SamplingParams
-from mr1fast.trainer.grpo import StepBatch, sync_weights
-from mr1fast.trainer.run import MicroBatchFit
-from mr1fast.rollout import vllm_available
+from mr1fast.rollout import SamplingParams, vllm_available
 from mr1fast.rollout.vllm_sampler import _ENGINES, VLLMSampler
+from mr1fast.trainer.cli import main
+from mr1fast.trainer.grpo import StepBatch, sync_weights
+from mr1fast.trainer.metrics import read_metrics
+from mr1fast.trainer.model import (PromptEncoder, completion_hidden, encode_images,
+                                   lm_head_weight, load_model)
+from mr1fast.trainer.run import MicroBatchFit
 
 pytestmark = [pytest.mark.vllm,
               pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")]

@@ -36,7 +36,8 @@ def _err(name: str, expected: str, got) -> ValueError:
 def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                         bias: Optional[torch.Tensor], temperature: float) -> None:
     """Validates the LM-head inputs' types, shapes, dtypes and devices (no sync): hidden [..., d]
-    float, weight [V, d] same dtype and device, targets [...] integer, bias [V], temperature > 0."""
+    float, weight [V, d] same dtype and device, targets [...] integer, bias [V],
+    temperature > 0."""
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.dim() < 1:
         raise _err("hidden", "a float tensor [..., d]", hidden)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or \

@@ -7,7 +7,7 @@
   mr1fast demo | bench [step|rollout]          toy loss demo | kernel suite (step, rollout)
 
 Without --config, train/sft/eval run the embedded default: the tiny local model on synthetic
-counting data (mr1fast.config.embedded_default)."""
+counting data (mr1fast.trainer.config.embedded_default)."""
 from __future__ import annotations
 
 import argparse
@@ -130,6 +130,11 @@ def main(argv=None) -> int:
                        "--compare checks it against the device's baseline); `bench step`: the "
                        "end-to-end GRPO-D step beside TRL; `bench rollout`: vLLM vs generate")
     b.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"] and not set(argv[1:2]) & {"-h", "--help"}:
+        # Everything after `bench` goes to pytest or the benchmark script as it is: argparse's
+        # REMAINDER drops a leading option such as --compare.
+        return bench(argv[1:])
     args = p.parse_args(argv)
     if args.cmd in ("train", "sft", "eval"):
         return run_command(args.cmd, args.config, args.output_dir, args.overrides)
