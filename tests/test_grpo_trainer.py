@@ -199,3 +199,22 @@ def test_micro_batch_fit_halves_on_out_of_memory():
         for attempt in fit.attempts(4):
             with attempt:
                 raise ValueError("not memory")
+
+
+def test_bf16_master_weights_start_from_the_warmed_up_policy(tmp_path, cache_dir):
+    """bf16 weights train through fp32 masters (run.MasterWeightsAdamW). The GRPO optimizer is
+    built after the SFT warm-up, so its masters copy the warmed-up policy: with lr = 0 the
+    policy after one GRPO step is exactly the warm-up's result, not the model it started from."""
+    from safetensors.torch import load_file
+
+    cfg = tiny_config(tmp_path, cache_dir, model={"dtype": "bf16"},
+                      grpo={"max_steps": 1, "sft_warmup_steps": 2, "lr": 0.0},
+                      sft={"batch_size": 4}, eval={"limit": 2, "max_new_tokens": 4})
+    train_grpo(cfg)
+    warm = load_file(tmp_path / "sft_warmup" / "checkpoints" / "final" / "model.safetensors")
+    after = load_file(tmp_path / "checkpoints" / "step-000001" / "model.safetensors")
+    start = load_file(cache_dir / "tiny-qwen2vl-seed0" / "model.safetensors")
+    assert warm.keys() == after.keys()
+    assert all(torch.equal(warm[k], after[k]) for k in warm)
+    moved = [k for k in warm if k in start and not torch.equal(warm[k], start[k].to(warm[k].dtype))]
+    assert moved, "the warm-up must have changed the weights for this test to mean anything"
