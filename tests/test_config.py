@@ -73,7 +73,7 @@ def test_overrides_parse_yaml_values_and_set_one_mapping_entry():
     ("grpo.loss_type=ppo", "grpo.loss_type: expected one of"),
     ("grpo.num_generations=1", "group of >= 2"),
     ("grpo.lr=-1", "expected >= 0"),
-    ("grpo.rewards.format=high", "grpo.rewards.format: expected a number"),
+    ("grpo.rewards.format=high", "grpo.rewards.format: expected a finite number"),
     ("grpo=3", "section grpo must be a mapping"),
     ("grpo.lr", "expected key=value"),
     ("grpo.eps_low=1.0", "grpo.eps_low: expected a value in [0.0, 1.0)"),

@@ -136,7 +136,9 @@ def test_update_weights_copies_into_a_separate_sampler_model(tiny_model_dir, set
 
 
 def test_load_model_names_a_missing_checkpoint(tmp_path):
-    with pytest.raises(ValueError, match="model="):
+    from mr1fast.trainer.errors import UserError
+
+    with pytest.raises(UserError, match="model=.*missing'?: no such folder"):
         load_model(str(tmp_path / "missing"), device=torch.device("cpu"), dtype=torch.float32)
 
 

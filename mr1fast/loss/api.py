@@ -65,7 +65,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         logp = hidden.sum(-1).float() * 0.0
         return (logp, torch.zeros_like(logp)) if return_entropy else logp
     if check_values:
-        check_linear_values(hidden, weight, targets)
+        check_linear_values(hidden, weight, targets, bias=bias)
     if impl == "naive":
         logp, entropy = naive_token_logprobs(hidden, weight, targets.long(), bias, temperature,
                                              return_entropy)
@@ -118,7 +118,8 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
 
     Returns (loss, stats): loss a 0-d fp32 tensor; stats detached fp32 "logp" [B, T] and the
     mask-weighted means "kl", "clip_low", "clip_high", "clip_frac" (and "entropy" when
-    return_entropy).
+    return_entropy). An empty batch (B = 0, T = 0, or every token masked) gives a zero loss
+    whose gradients are zero, and zero stats.
     """
     batch = prepare_batch(hidden, weight, targets, advantages, rewards=rewards,
                           group_size=group_size, mask=mask, old_logp=old_logp,

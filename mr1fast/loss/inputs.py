@@ -64,9 +64,10 @@ def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
 
 
 def check_linear_values(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                        active: Optional[torch.Tensor] = None) -> None:
+                        active: Optional[torch.Tensor] = None,
+                        bias: Optional[torch.Tensor] = None) -> None:
     """The value checks (they sync): token ids in [0, V) at the active tokens (all when
-    `active` is None), hidden finite there."""
+    `active` is None), hidden finite there, the LM head's weight (and bias) finite."""
     t = targets.reshape(-1) if active is None else targets.reshape(-1)[active]
     if t.numel():
         lo, hi = torch.stack([t.min(), t.max()]).tolist()
@@ -78,6 +79,9 @@ def check_linear_values(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     if not bool(torch.isfinite(h).all()):
         raise ValueError("hidden: contains NaN or inf" +
                          ("" if active is None else " at unmasked tokens"))
+    for name, x in (("weight", weight), ("bias", bias)):
+        if x is not None and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name}: the LM head's {name} contains NaN or inf")
 
 
 @dataclass
@@ -138,7 +142,7 @@ class TokenBatch:
         return self.zero_masked(self.take(x))
 
 
-def _per_token_input(name, x, shape, device, active, check_values):
+def _per_token_input(name, x, shape, device, active, check_values, non_negative=False):
     if x is None:
         return None
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.shape != shape:
@@ -146,8 +150,13 @@ def _per_token_input(name, x, shape, device, active, check_values):
     if x.device != device:
         raise _err(name, f"a tensor on {device}", x)
     flat = x.reshape(-1)
-    if check_values and not bool(torch.isfinite(flat if active is None else flat[active]).all()):
-        raise ValueError(f"{name}: contains NaN or inf at unmasked tokens")
+    if check_values:
+        at = flat if active is None else flat[active]
+        if not bool(torch.isfinite(at).all()):
+            raise ValueError(f"{name}: contains NaN or inf at unmasked tokens")
+        if non_negative and bool((at < 0).any()):
+            raise ValueError(f"{name}: expected values >= 0 at unmasked tokens, got "
+                             f"{at.min().item():.4g}")
     return flat
 
 
@@ -215,7 +224,7 @@ def prepare_batch(hidden, weight, targets, advantages=None, *, rewards=None, gro
             active = None  # nothing masked: no gather copies
     has_mask = mask is not None and not check_values
     if check_values:
-        check_linear_values(hidden, weight, targets, active)
+        check_linear_values(hidden, weight, targets, active, bias)
 
     if cu_seqlens is None:
         cu = torch.arange(B + 1, device=dev, dtype=torch.int64) * T
@@ -263,7 +272,8 @@ def prepare_batch(hidden, weight, targets, advantages=None, *, rewards=None, gro
     per_tok = {}
     for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp),
                     ("importance_weights", importance_weights)):
-        flat = _per_token_input(name, x, (B, T), dev, active, check_values)
+        flat = _per_token_input(name, x, (B, T), dev, active, check_values,
+                                non_negative=name == "importance_weights")
         per_tok[name] = None if flat is None else flat.to(fdt)
 
     if isinstance(beta, torch.Tensor):
@@ -271,6 +281,8 @@ def prepare_batch(hidden, weight, targets, advantages=None, *, rewards=None, gro
             raise _err("beta", "a float or a 0-d float tensor", beta)
         if beta.device != dev:
             raise _err("beta", f"a tensor on {dev} (read on the device, no host sync)", beta)
+        if check_values and not (bool(torch.isfinite(beta)) and bool(beta >= 0)):
+            raise ValueError(f"beta: expected a finite value >= 0, got {beta.item()}")
     elif isinstance(beta, bool) or not isinstance(beta, (int, float)) or \
             not (math.isfinite(beta) and beta >= 0):
         raise _err("beta", "a finite float >= 0 or a 0-d tensor", beta)
@@ -296,17 +308,23 @@ def prepare_batch(hidden, weight, targets, advantages=None, *, rewards=None, gro
     if num_items_in_batch is None:
         num_items = mask_flat.sum().clamp(min=1.0)
     elif isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise _err("num_items_in_batch", "a number or a 1-element tensor", num_items_in_batch)
         num_items = num_items_in_batch.to(device=dev, dtype=mask_flat.dtype,
                                           non_blocking=True).reshape(())
+        if check_values and not (bool(torch.isfinite(num_items)) and bool(num_items > 0)):
+            raise ValueError(f"num_items_in_batch: expected a finite number > 0 (the tokens "
+                             f"that normalise dapo), got {num_items.item()}")
     elif isinstance(num_items_in_batch, (int, float)) and not isinstance(num_items_in_batch, bool) \
-            and num_items_in_batch > 0:
+            and math.isfinite(num_items_in_batch) and num_items_in_batch > 0:
         num_items = float(num_items_in_batch)
     else:
-        raise _err("num_items_in_batch", "a number > 0 (masked tokens across accumulation steps)",
-                   num_items_in_batch)
+        raise _err("num_items_in_batch", "a finite number > 0 (masked tokens across "
+                   "accumulation steps)", num_items_in_batch)
 
     return TokenBatch(
-        hidden=hidden.reshape(B * T, -1), targets=targets.reshape(-1).long(), mask=mask_flat,
+        hidden=hidden.reshape(B * T, hidden.shape[-1]), targets=targets.reshape(-1).long(),
+        mask=mask_flat,
         seq_id=seq_id, cu_seqlens=cu, active=active, has_mask=has_mask, out_shape=(B, T),
         advantages=adv_flat, rewards=rew, group_size=group_size,
         old_logp=per_tok["old_logp"], ref_logp=per_tok["ref_logp"],

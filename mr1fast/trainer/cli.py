@@ -7,18 +7,25 @@
   mr1fast demo | bench [step|rollout]          toy loss demo | kernel suite (step, rollout)
 
 Without --config, train/sft/eval run the embedded default: the tiny local model on synthetic
-counting data (mr1fast.trainer.config.embedded_default)."""
+counting data (mr1fast.trainer.config.embedded_default).
+
+A mistake in the input or the environment ends with a short message and exit code 1 (2 for a
+wrong command line or config; 130 when interrupted); --debug or MR1FAST_DEBUG=1 shows the
+traceback. A bug in mr1fast shows its traceback and exits with 70."""
 from __future__ import annotations
 
 import argparse
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 from ..loss import beta_schedule, grpo_loss, token_logprobs
+from .errors import EXIT_BUG, EXIT_INTERRUPTED, UserError, debug_enabled, from_os_error
+from .model import PRESETS
 
 
 def demo(steps: int, impl: str, seed: int) -> int:
@@ -85,14 +92,9 @@ def run_command(cmd: str, config: str | None, output_dir: str | None,
     from .config import embedded_default, load_config
 
     hf_logging.disable_progress_bar()
-
-    try:
-        cfg = load_config(config, overrides, base=None if config else embedded_default())
-        if output_dir is not None:
-            cfg.output_dir = output_dir
-    except ValueError as e:
-        print(f"mr1fast {cmd}: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(config, overrides, base=None if config else embedded_default())
+    if output_dir is not None:
+        cfg.output_dir = output_dir
     if cmd == "train":
         from .grpo import train_grpo
         train_grpo(cfg)
@@ -107,22 +109,27 @@ def run_command(cmd: str, config: str | None, output_dir: str | None,
 
 
 def main(argv=None) -> int:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also: MR1FAST_DEBUG=1)")
     p = argparse.ArgumentParser(prog="mr1fast", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, text in (("train", "GRPO / GRPO-D training"), ("sft", "the SFT baseline"),
                        ("eval", "greedy accuracy per task; the cross-task matrix")):
-        c = sub.add_parser(name, help=text)
+        c = sub.add_parser(name, help=text, parents=[common])
         c.add_argument("--config", help="recipe YAML (configs/); default: the embedded default")
         c.add_argument("--output-dir", help="run directory (overrides output_dir)")
         c.add_argument("overrides", nargs="*", metavar="section.key=value")
     m = sub.add_parser("init-model", help="write a random-weight Qwen2-VL checkpoint (tiny "
-                       "local model, or a benchmark preset)")
+                       "local model, or a benchmark preset)", parents=[common])
     m.add_argument("out")
-    m.add_argument("--preset", default="tiny", help="tiny | tiny-v152k (Qwen's vocabulary) | "
-                   "qwen2-vl-2b (Qwen2-VL-2B's dimensions)")
+    m.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                   help="tiny | tiny-v152k (Qwen's vocabulary) | qwen2-vl-2b (Qwen2-VL-2B's "
+                        "dimensions)")
     m.add_argument("--seed", type=int, default=0)
-    d = sub.add_parser("demo", help="train a toy policy with the fused GRPO-D loss")
+    d = sub.add_parser("demo", help="train a toy policy with the fused GRPO-D loss",
+                       parents=[common])
     d.add_argument("--steps", type=int, default=30)
     d.add_argument("--impl", default="auto", choices=["auto", "triton", "torch", "naive"])
     d.add_argument("--seed", type=int, default=0)
@@ -135,16 +142,80 @@ def main(argv=None) -> int:
         # Everything after `bench` goes to pytest or the benchmark script as it is: argparse's
         # REMAINDER drops a leading option such as --compare.
         return bench(argv[1:])
-    args = p.parse_args(argv)
+    args = p.parse_args(argv)  # a wrong command line exits here with code 2
+    debug = args.debug or debug_enabled()
+    try:
+        return _dispatch(args)
+    except UserError as e:
+        return _report(args.cmd, e, debug)
+    except KeyboardInterrupt:
+        return _interrupted(args)
+    except OSError as e:
+        user = from_os_error(e, "the run stopped")
+        if user is None:
+            return _bug(args.cmd)
+        return _report(args.cmd, user, debug)
+    except torch.cuda.OutOfMemoryError as e:
+        return _report(args.cmd, UserError(
+            f"CUDA out of memory ({str(e).splitlines()[0][:200]})",
+            fix="set grpo.micro_batch_size=0 (the largest micro-batch that fits) or a smaller "
+                "one, model.gradient_checkpointing=true, or a smaller model"), debug)
+    except MemoryError:
+        return _report(args.cmd, UserError("out of host memory",
+                                           fix="use a smaller model or batch"), debug)
+    except Exception:
+        return _bug(args.cmd)
+
+
+def _dispatch(args) -> int:
     if args.cmd in ("train", "sft", "eval"):
         return run_command(args.cmd, args.config, args.output_dir, args.overrides)
     if args.cmd == "init-model":
         from .model import init_tiny_model
         print(init_tiny_model(args.out, preset=args.preset, seed=args.seed))
         return 0
-    if args.cmd == "demo":
-        return demo(args.steps, args.impl, args.seed)
-    return bench(args.pytest_args)
+    return demo(args.steps, args.impl, args.seed)
+
+
+def _report(cmd: str, error: UserError, debug: bool) -> int:
+    """A user's mistake: its message (what, where, what to do), no traceback unless asked."""
+    if debug:
+        traceback.print_exc()
+    lines = [f"mr1fast {cmd}: error: {error}"]
+    if error.fix:
+        lines.append(f"  what to do: {error.fix}")
+    if not debug:
+        lines.append("  (--debug or MR1FAST_DEBUG=1 shows the traceback)")
+    print("\n".join(lines), file=sys.stderr)
+    return error.exit_code
+
+
+def _interrupted(args) -> int:
+    where = ""
+    if args.cmd in ("train", "sft"):
+        output_dir = args.output_dir or _configured_output_dir(args)
+        newest = sorted(Path(output_dir or ".", "checkpoints").glob("step-*"))
+        where = (f"; the newest checkpoint is {newest[-1]}, and rerunning the same command "
+                 "resumes from it" if newest else "; no checkpoint was written yet")
+    print(f"mr1fast {args.cmd}: interrupted{where}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _configured_output_dir(args):
+    from .config import embedded_default, load_config
+
+    try:
+        return load_config(args.config, args.overrides,
+                           base=None if args.config else embedded_default()).output_dir
+    except UserError:
+        return None
+
+
+def _bug(cmd: str) -> int:
+    traceback.print_exc()
+    print(f"mr1fast {cmd}: this is a bug in mr1fast, not a mistake in your input: please report "
+          "it with the traceback above and the command that led to it", file=sys.stderr)
+    return EXIT_BUG
 
 
 if __name__ == "__main__":

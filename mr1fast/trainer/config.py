@@ -9,6 +9,7 @@ finish on a 2-core CPU in minutes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from ..loss.schedules import beta_schedule, schedule_parameters
+from .errors import UsageError
 
 # The paper's GRPO-D on counting (../shared/PAPER.md): beta 0.07 -> 0.04 -> 0.1.
 GRPO_D_DEFAULT = {"kind": "grpo_d", "beta_min": 0.04, "beta_max": 0.1, "explore_ratio": 0.3}
@@ -159,12 +161,12 @@ POSITIVE = ("grpo.num_generations", "grpo.prompts_per_step", "grpo.updates_per_b
             "grpo.max_completion_length", "sft.batch_size", "eval.max_new_tokens",
             "eval.batch_size", "data.max_prompt_length", "log.save_every", "log.keep_checkpoints",
             "grpo.max_bad_steps", "grpo.temperature", "vllm.sync_every", "vllm.sync_bucket_mb",
-            "vllm.cpu_kv_cache_gb", "vllm.is_cap")
+            "vllm.cpu_kv_cache_gb", "vllm.is_cap", "grpo.reward_timeout_s")
 NON_NEGATIVE = ("grpo.lr", "sft.lr", "grpo.epochs",
                 "sft.epochs", "grpo.max_steps", "sft.max_steps", "grpo.micro_batch_size",
                 "sft.micro_batch_size", "data.limit", "eval.limit", "grpo.sft_warmup_steps",
                 "grpo.weight_decay", "sft.weight_decay", "grpo.max_grad_norm",
-                "sft.max_grad_norm", "grpo.reward_timeout_s", "log.eval_every",
+                "sft.max_grad_norm", "log.eval_every",
                 "vllm.max_num_seqs")
 
 
@@ -216,7 +218,7 @@ def _coerce(key: str, tp, value):
         return value
     if tp is dict and isinstance(value, dict):
         return dict(value)
-    raise ValueError(f"config key {key}: expected {_type_name(tp)}, got {value!r} "
+    raise UsageError(f"config key {key}: expected {_type_name(tp)}, got {value!r} "
                      f"({type(value).__name__})")
 
 
@@ -230,13 +232,13 @@ def from_dict(data: dict, base: Optional[Config] = None, where: str = "config") 
 
 def _merge(obj, data: dict, prefix: str, where: str) -> None:
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: section {prefix.rstrip('.') or '(top)'} must be a mapping, "
+        raise UsageError(f"{where}: section {prefix.rstrip('.') or '(top)'} must be a mapping, "
                          f"got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(obj)}
     hints = typing.get_type_hints(type(obj))
     for key, value in data.items():
         if key not in fields:
-            raise ValueError(f"{where}: unknown key {prefix}{key}; known keys: "
+            raise UsageError(f"{where}: unknown key {prefix}{key}; known keys: "
                              f"{', '.join(prefix + k for k in fields)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
@@ -246,37 +248,66 @@ def _merge(obj, data: dict, prefix: str, where: str) -> None:
 
 
 def validate(cfg: Config) -> None:
+    _check_finite(cfg, "")
     for key, allowed in CHOICES.items():
         if get(cfg, key) not in allowed:
-            raise ValueError(f"config key {key}: expected one of {allowed}, got {get(cfg, key)!r}")
+            raise UsageError(f"config key {key}: expected one of {allowed}, got {get(cfg, key)!r}")
     for key in POSITIVE:
         if not get(cfg, key) > 0:
-            raise ValueError(f"config key {key}: expected > 0, got {get(cfg, key)!r}")
+            raise UsageError(f"config key {key}: expected > 0, got {get(cfg, key)!r}")
     for key in NON_NEGATIVE:
         if not get(cfg, key) >= 0:
-            raise ValueError(f"config key {key}: expected >= 0, got {get(cfg, key)!r}")
+            raise UsageError(f"config key {key}: expected >= 0, got {get(cfg, key)!r}")
     for key, (lo, hi, lo_in, hi_in) in RANGES.items():
         v = get(cfg, key)
         if not ((v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)):
-            raise ValueError(f"config key {key}: expected a value in {'[' if lo_in else '('}"
+            raise UsageError(f"config key {key}: expected a value in {'[' if lo_in else '('}"
                              f"{lo}, {hi}{']' if hi_in else ')'}, got {v!r}")
     if cfg.grpo.top_k < 0:
-        raise ValueError(f"config key grpo.top_k: expected >= 0 (0: off), got {cfg.grpo.top_k}")
+        raise UsageError(f"config key grpo.top_k: expected >= 0 (0: off), got {cfg.grpo.top_k}")
     if cfg.vllm.sleep_level == 2 and cfg.vllm.sync_every != 1:
-        raise ValueError("config key vllm.sync_every: a level-2 sleep drops the engine's weights, "
+        raise UsageError("config key vllm.sync_every: a level-2 sleep drops the engine's weights, "
                          f"so they must be pushed every step (1), got {cfg.vllm.sync_every}")
     if cfg.grpo.num_generations < 2:
-        raise ValueError("config key grpo.num_generations: GRPO needs a group of >= 2 "
+        raise UsageError("config key grpo.num_generations: GRPO needs a group of >= 2 "
                          f"completions, got {cfg.grpo.num_generations}")
     _validate_beta_schedule(cfg.grpo.beta_schedule)
+    if not cfg.grpo.rewards:
+        raise UsageError("config key grpo.rewards: expected at least one reward, e.g. "
+                         "{accuracy: 1.0, format: 1.0}")
     for name, weight in cfg.grpo.rewards.items():
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise ValueError(f"config key grpo.rewards.{name}: expected a number (the weight), "
-                             f"got {weight!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or \
+                not math.isfinite(weight):
+            raise UsageError(f"config key grpo.rewards.{name}: expected a finite number (the "
+                             f"weight), got {weight!r}")
+    if cfg.model.device != "auto":
+        try:
+            torch_device(cfg.model.device)
+        except (RuntimeError, ValueError):
+            raise UsageError(f"config key model.device: expected auto, cpu, cuda or cuda:N, got "
+                             f"{cfg.model.device!r}") from None
     for section in ("tasks", "models"):
         for k, v in getattr(cfg.eval, section).items():
             if not isinstance(v, str):
-                raise ValueError(f"config key eval.{section}.{k}: expected str, got {v!r}")
+                raise UsageError(f"config key eval.{section}.{k}: expected str, got {v!r}")
+
+
+def _check_finite(obj, prefix: str) -> None:
+    """Every float in the config is finite (inf and nan parse from YAML as .inf, .nan)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"config key {prefix}{f.name}: expected a finite number, got "
+                             f"{value!r}")
+
+
+def torch_device(name: str):
+    """torch.device(name), imported here so that loading a config stays light."""
+    import torch
+
+    return torch.device(name)
 
 
 def kl_schedule(spec: dict, total_steps: int):
@@ -294,7 +325,7 @@ def _validate_beta_schedule(spec: dict) -> None:
     try:
         names = ", ".join(schedule_parameters(kind))
     except ValueError:
-        raise ValueError(f"{key}.kind: expected one of grpo_d, constant, linear, cosine, got "
+        raise UsageError(f"{key}.kind: expected one of grpo_d, constant, linear, cosine, got "
                          f"{kind!r}") from None
     for name, value in spec.items():
         if name in ("kind", "preset"):
@@ -305,11 +336,11 @@ def _validate_beta_schedule(spec: dict) -> None:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key}.{name}: expected a number, got {value!r}")
+            raise UsageError(f"{key}.{name}: expected a number, got {value!r}")
     try:
         kl_schedule(spec, 1)
     except ValueError as e:
-        raise ValueError(f"{key}: {e}. The {kind} schedule takes {names}; to change the kind, "
+        raise UsageError(f"{key}: {e}. The {kind} schedule takes {names}; to change the kind, "
                          "give the whole mapping, e.g. grpo.beta_schedule={kind: constant, "
                          "beta: 0.04}") from None
 
@@ -326,9 +357,9 @@ def parse_override(text: str, cfg: Optional[Config] = None) -> dict:
     booleans and {a: 1} mappings work. `section.mapping.key=value` (grpo.rewards.format=0.5)
     sets one entry of a mapping field of `cfg`; `section.mapping={...}` replaces it."""
     if "=" not in text:
-        raise ValueError(f"override {text!r}: expected key=value (e.g. grpo.lr=1e-5)")
+        raise UsageError(f"override {text!r}: expected key=value (e.g. grpo.lr=1e-5)")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = load_yaml(raw, f"override {text!r}") if raw.strip() else ""
     parts = key.strip().split(".")
     if cfg is not None and len(parts) == 3:
         current = getattr(getattr(cfg, parts[0], None), parts[1], None)
@@ -348,14 +379,52 @@ def load_config(path: Optional[str] = None, overrides: typing.Sequence[str] = ()
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ValueError(f"--config {path}: no such file")
-        data = yaml.safe_load(p.read_text()) or {}
-        cfg = from_dict(data, where=str(p))
+            raise UsageError(f"--config {path}: no such file")
+        try:
+            text = p.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--config {path}: not UTF-8 text ({e.reason} at byte "
+                             f"{e.start})") from None
+        cfg = from_dict(load_yaml(text, str(p)) or {}, where=str(p))
     else:
         cfg = base if base is not None else Config()
     for text in overrides:
         cfg = from_dict(parse_override(text, cfg), base=cfg, where=f"override {text!r}")
     return cfg
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found the key {key!r} twice (first at line {seen[key] + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, where: str):
+    """Parse config YAML: plain values only (no tags that build Python objects), no duplicate
+    keys; errors name `where`, the line and the column."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = e.problem or e.context or "invalid"
+        if "could not determine a constructor" in str(e):
+            tag = problem.split("tag ")[-1].strip("'\" ").replace("tag:yaml.org,2002:", "!!")
+            problem = f"unsupported YAML tag {tag}: only plain values (numbers, strings, " \
+                      "lists, mappings) are allowed"
+        raise UsageError(f"{where}: not a valid config{at}: {problem}") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"{where}: not a valid config: {e}") from None
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -27,6 +27,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .errors import UserError, from_os_error
+
 PROMPT_SUFFIX = ("  Output the thinking process in <think> </think> and final answer (number) in "
                  "<answer> </answer> tags.")
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # HF Image feature
@@ -110,7 +112,9 @@ def load_examples(source: str | Path, *, split: str = "train", limit: int | None
     for reason, count in result.skipped.items():
         warn(f"skipped {count} rows of {name}: {reason}")
     if not result.examples:
-        raise ValueError(f"source {name}: no valid examples (skipped: {result.skipped or 'none'})")
+        raise ValueError(f"source {name}: no valid examples (skipped rows by reason: "
+                         f"{result.skipped or 'none, the source is empty'}); a row needs R1-V's "
+                         "columns image, problem and solution")
     return result
 
 
@@ -138,8 +142,15 @@ def _raw_rows(source: str, split: str) -> Iterator[tuple[dict | _BadRow, Path | 
 
 
 def _jsonl_rows(path: Path) -> Iterator[dict | _BadRow]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    """Each line decoded on its own: a line that is not UTF-8 is one bad row, and a byte-order
+    mark (at the start of the file, or of a line pasted from another file) is dropped."""
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                line = raw.decode("utf-8-sig")
+            except UnicodeDecodeError as e:
+                yield _BadRow("bad_encoding", f"not UTF-8 ({e.reason} at byte {e.start})")
+                continue
             if not line.strip():
                 continue
             try:
@@ -429,19 +440,27 @@ def cache_path(cache_dir: str) -> Path:
     return Path(os.path.expanduser(os.environ.get("MR1FAST_CACHE", cache_dir)))
 
 
-def load_task(source: str, cfg, encoder, *, split: str, n: int, limit: int,
+def load_task(source: str, cfg, encoder, *, key: str, split: str, n: int, limit: int,
               max_prompt_length: int | None, strict: bool,
               warn: Callable[[str], None] = print) -> list[Example]:
     """Examples of one data source (synthetic:* names generate and cache `n` rows), with rows
     whose prompt exceeds max_prompt_length tokens (image tokens included, counted by
-    `encoder.prompt_length`) skipped. `cfg` gives the cache folder and the seed."""
-    path = resolve_source(source, split=split, cache_dir=cache_path(cfg.cache_dir) / "data",
-                          n=n, seed=cfg.seed)
-    result = load_examples(path, split=split, limit=limit or None, strict=strict,
-                           max_prompt_length=max_prompt_length,
-                           prompt_length=lambda e: encoder.prompt_length(e.image,
-                                                                         question(e.problem)),
-                           warn=warn)
+    `encoder.prompt_length`) skipped. `cfg` gives the cache folder and the seed. A source that
+    cannot be used raises a UserError naming the config `key` it came from."""
+    try:
+        path = resolve_source(source, split=split, cache_dir=cache_path(cfg.cache_dir) / "data",
+                              n=n, seed=cfg.seed)
+        result = load_examples(path, split=split, limit=limit or None, strict=strict,
+                               max_prompt_length=max_prompt_length,
+                               prompt_length=lambda e: encoder.prompt_length(
+                                   e.image, question(e.problem)),
+                               warn=warn)
+    except ValueError as e:
+        raise UserError(f"{key}={source!r} (split {split!r}): {e}",
+                        fix="check the path, the split and the columns; data.strict=false "
+                            "skips bad rows") from None
+    except OSError as e:
+        raise from_os_error(e, f"reading {key}={source!r}") or e
     return result.examples
 
 

@@ -11,9 +11,11 @@ import torch
 from ..rollout import HFSampler, SamplingParams
 from .config import Config, save_config
 from .data import Example, load_task
-from .model import PromptEncoder, default_device, load_model, model_dtype, resolve_model
+from .errors import UsageError
+from .model import PromptEncoder, load_encoder, load_model, model_dtype, resolve_model
+from .preflight import check_device, check_model
 from .rewards import RewardRunner
-from .run import log
+from .run import check_eval_tasks, locked_output_dir, log
 
 
 @torch.no_grad()
@@ -50,7 +52,8 @@ def evaluate_tasks(cfg: Config, model, encoder: PromptEncoder) -> dict:
                       log=log) as score:
         for task, source in e.tasks.items():
             # No prompt-length filter: the test sets must keep their size (200, 754 items).
-            examples = load_task(source, cfg, encoder, split=e.split, n=e.synthetic_size,
+            examples = load_task(source, cfg, encoder, key=f"eval.tasks.{task}", split=e.split,
+                                 n=e.synthetic_size,
                                  limit=e.limit, max_prompt_length=None, strict=cfg.data.strict,
                                  warn=log)
             out[task] = evaluate(model, encoder, examples, score,
@@ -76,24 +79,33 @@ def markdown_matrix(matrix: dict) -> str:
 
 def run_eval(cfg: Config) -> dict:
     """`mr1fast eval`: every model of eval.models (label -> checkpoint; default model.name) on
-    every task of eval.tasks; writes eval.json and eval.md to output_dir."""
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
-    torch.manual_seed(cfg.seed)
-    device = default_device(cfg.model.device)
-    models = cfg.eval.models or {cfg.model.name: cfg.model.name}
-    matrix = {}
-    for label, name in models.items():
-        path = resolve_model(name, cfg, log)
-        encoder = PromptEncoder(path)
-        model = load_model(path, device=device, dtype=model_dtype(cfg.model.dtype, device),
-                           trainable=False)
-        matrix[label] = evaluate_tasks(cfg, model, encoder)
-        print_results(label, matrix[label])
-        del model
-    (out_dir / "eval.json").write_text(json.dumps(matrix, indent=2))
-    table = markdown_matrix(matrix)
-    (out_dir / "eval.md").write_text(table)
-    print(table)
-    return matrix
+    every task of eval.tasks; writes eval.json and eval.md to output_dir (locked for the run).
+    Every model and task is checked before the first evaluation."""
+    with locked_output_dir(cfg):
+        out_dir = Path(cfg.output_dir)
+        if not cfg.eval.tasks:
+            raise UsageError("config key eval.tasks: no task to evaluate on",
+                             fix="e.g. eval.tasks={counting: synthetic:counting}")
+        device = check_device(cfg.model.device)
+        models = cfg.eval.models or {cfg.model.name: cfg.model.name}
+        paths = {}
+        for label, name in models.items():
+            key = f"eval.models.{label}" if cfg.eval.models else "model.name"
+            paths[label] = resolve_model(name, cfg, log)
+            check_model(paths[label], key=key)
+        encoders = {label: load_encoder(path) for label, path in paths.items()}
+        check_eval_tasks(cfg, next(iter(encoders.values())))
+        save_config(cfg, out_dir / "config.yaml")
+        torch.manual_seed(cfg.seed)
+        matrix = {}
+        for label, path in paths.items():
+            model = load_model(path, device=device, dtype=model_dtype(cfg.model.dtype, device),
+                               trainable=False)
+            matrix[label] = evaluate_tasks(cfg, model, encoders[label])
+            print_results(label, matrix[label])
+            del model
+        (out_dir / "eval.json").write_text(json.dumps(matrix, indent=2))
+        table = markdown_matrix(matrix)
+        (out_dir / "eval.md").write_text(table)
+        print(table)
+        return matrix

@@ -36,7 +36,7 @@ from .evaluate import evaluate_tasks, print_results
 from .metrics import device_peak_mb
 from .model import completion_hidden, encode_images, lm_head_weight, load_model
 from .rewards import RewardRunner
-from .run import MicroBatchFit, Run, log, setup, total_steps
+from .run import MicroBatchFit, Run, locked_output_dir, log, setup, total_steps
 from .sft import train_sft
 
 STATS = ("loss", "kl", "clip_frac", "clip_low", "clip_high", "entropy")
@@ -44,20 +44,27 @@ STATS = ("loss", "kl", "clip_frac", "clip_low", "clip_high", "entropy")
 
 def train_grpo(cfg: Config, *, on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Run GRPO / GRPO-D as configured; returns the final metrics and eval results. Resumes
-    from the newest checkpoint in cfg.output_dir when there is one. `on_step(step, metrics)`
-    is called after each step (tests use it to interrupt a run)."""
+    from the newest intact checkpoint in cfg.output_dir when there is one. The output folder is
+    locked for the run. `on_step(step, metrics)` is called after each step (tests use it to
+    interrupt a run)."""
+    with locked_output_dir(cfg):
+        return _train_grpo(cfg, on_step)
+
+
+def _train_grpo(cfg: Config, on_step) -> dict:
     g = cfg.grpo
-    s = setup(cfg)
+    s = setup(cfg, per_step=g.prompts_per_step, per_step_key="grpo.prompts_per_step",
+              rewards=g.rewards)
     policy, encoder, device = s.model, s.encoder, s.device
     total = total_steps(len(s.train_set), g.prompts_per_step, g.epochs, g.max_steps)
     mu, G = g.updates_per_batch, g.num_generations
     beta_at = kl_schedule(g.beta_schedule, total * mu)
-    # Built now: a reward that cannot be imported fails before any training.
     rewards = RewardRunner({k: float(v) for k, v in g.rewards.items()},
                            timeout_s=g.reward_timeout_s, log=log)
     results: dict = {}
     warmup_dir = s.run_dir / "sft_warmup"
-    if latest_checkpoint(s.run_dir) is None and g.sft_warmup_steps > 0:
+    resume_from = latest_checkpoint(s.run_dir, log)
+    if resume_from is None and g.sft_warmup_steps > 0:
         train_sft(cfg, policy, encoder, s.train_set, steps=g.sft_warmup_steps,
                   run_dir=warmup_dir)
         results["after_sft"] = evaluate_tasks(cfg, policy, encoder)
@@ -65,7 +72,7 @@ def train_grpo(cfg: Config, *, on_step: Optional[Callable[[int, dict], None]] = 
     order = DataOrder(len(s.train_set), g.prompts_per_step, cfg.seed)
     # After the warm-up: the optimizer's fp32 master weights (bf16 models) copy the policy.
     with Run(cfg, g, s.run_dir, policy, encoder, order, total, updates_per_step=mu,
-             desc="grpo") as run, rewards:
+             desc="grpo", resume_from=resume_from) as run, rewards:
         if run.start > 0:
             results = json.loads(run.state["results"])
         ref = None

@@ -19,6 +19,8 @@ import torch
 
 from ..rollout.sampler import PromptBatch
 from .data import cache_path
+from .errors import UserError
+from .preflight import check_model
 
 # Qwen2-VL's special tokens, in id order for the tiny model's tokenizer (ids 0..6).
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
@@ -188,12 +190,14 @@ def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype,
     `trainable=False` gives a frozen eval-mode copy (the reference model)."""
     from transformers import AutoModelForImageTextToText
 
+    check_model(name_or_path, key="model")
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             name_or_path, dtype=dtype, attn_implementation=attention_implementation(device))
-    except OSError as e:
-        raise ValueError(f"model={name_or_path!r}: not a local checkpoint folder and not "
-                         f"reachable on the hub ({e})") from e
+    except (OSError, ValueError) as e:
+        raise UserError(f"model {name_or_path!r} cannot be loaded: {_first_line(e)}",
+                        fix="check that the folder holds a complete Qwen2-VL / Qwen2.5-VL "
+                            "checkpoint (config.json and the weights)") from None
     model.to(device)
     if not trainable:
         model.eval().requires_grad_(False)
@@ -214,6 +218,23 @@ def vision_tower(model) -> torch.nn.Module:
 def lm_head_weight(model) -> torch.Tensor:
     """The LM head's [V, d] weight (the input embedding when tied, as in Qwen2-VL-2B)."""
     return model.get_output_embeddings().weight
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_encoder(name_or_path: str) -> "PromptEncoder":
+    """The PromptEncoder of a checkpoint; a UserError when its tokenizer or image processor
+    cannot be loaded."""
+    try:
+        return PromptEncoder(name_or_path)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"model {name_or_path!r}: its tokenizer or image processor cannot be "
+                        f"loaded: {_first_line(e)}",
+                        fix="a checkpoint folder needs the tokenizer and preprocessor files "
+                            "next to the weights") from None
 
 
 class PromptEncoder:
@@ -325,9 +346,3 @@ def model_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in table:
         raise ValueError(f"dtype={name!r}: expected auto, bf16 or fp32")
     return table[name]
-
-
-def default_device(name: Optional[str] = None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

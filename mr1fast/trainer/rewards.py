@@ -30,7 +30,8 @@ _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _COUNT_ANSWER = re.compile(r"<answer>\s*(\d+)\s*</answer>")
 _INTEGER = re.compile(r"\d+")
 _NOT_SENT = frozenset({"image"})  # never passed to rewards, so never pickled
-_STARTUP_TIMEOUT_S = 120.0  # importing torch and the reward modules in a fresh worker
+_STARTUP_TIMEOUT_S = 120.0
+FLOAT32_MAX = 3.4028234663852886e38  # importing torch and the reward modules in a fresh worker
 
 
 def _answer(text: str) -> str | None:
@@ -136,10 +137,12 @@ def _checked(out, n: int) -> tuple[list[float | None] | None, str | None]:
         return None, (f"returned a {type(wrong[0]).__name__} ({wrong[0]!r:.50}), "
                       "expected numbers or None")
     values = [None if v is None else float(v) for v in out]
-    bad = [i for i, v in enumerate(values) if v is not None and not math.isfinite(v)]
+    # The trainer's rewards are fp32: a finite value beyond its range would become inf there.
+    bad = [i for i, v in enumerate(values) if v is not None and not abs(v) <= FLOAT32_MAX]
     for i in bad:
         values[i] = None
-    return values, f"returned non-finite values at positions {bad}" if bad else None
+    return values, (f"returned non-finite values or values outside float32's range (|v| > "
+                    f"{FLOAT32_MAX:.4g}) at positions {bad}") if bad else None
 
 
 def _run_reward(func: Reward, completions: list[str], columns: dict[str, list]):

@@ -1,8 +1,9 @@
 """The scaffolding every training loop shares (GRPO, SFT), so the loops hold only their algorithm.
 
-`setup(cfg)` resolves what the config names: the run directory (with config.yaml), the model
-(a preset is built once into the cache), its prompt encoder, the trainable model and the
-training examples.
+`setup(cfg, ...)` resolves what the config names, checking everything cheap first
+(preflight.py): the output folder (locked for the run, config.yaml written), the device, the
+model (a preset is built once into the cache), its prompt encoder, the training examples, the
+rewards, the evaluation sets; then the trainable model, and the disk space for a checkpoint.
 
 `Run` owns the rest of a loop's plumbing: the optimizer and its learning-rate schedule, the data
 order, resuming from the newest checkpoint (weights, optimizer, RNG, data position, extra state),
@@ -28,11 +29,13 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, save_config
 from .data import DataOrder, Example, load_task
 from .metrics import MetricsLogger, Progress, plot_metrics
-from .model import PromptEncoder, default_device, load_model, model_dtype, resolve_model
+from .model import PromptEncoder, load_encoder, load_model, model_dtype, resolve_model
+from .preflight import (RunLock, check_device, check_disk, check_model, check_rewards,
+                        checkpoint_bytes, claim_output_dir, rows_per_step)
 
 
 def log(msg: str) -> None:
@@ -49,24 +52,49 @@ class Setup:
     device: torch.device
 
 
-def setup(cfg: Config) -> Setup:
-    """The run directory (config.yaml written), model, encoder and training examples, as
-    configured."""
+def locked_output_dir(cfg: Config) -> RunLock:
+    """The run's output folder, created, checked writable and locked (preflight.RunLock): a
+    training entry point holds it for the whole run."""
+    return claim_output_dir(Path(cfg.output_dir), " ".join(sys.argv) or "mr1fast", log)
+
+
+def setup(cfg: Config, *, per_step: int, per_step_key: str,
+          rewards: Optional[dict] = None) -> Setup:
+    """Check everything that can be checked cheaply, then load the model: the device, the model
+    name or preset, the training data (at least `per_step` usable rows), the reward functions
+    (`rewards`, GRPO), the evaluation sets; config.yaml is written; then the model, and the free
+    disk space for one checkpoint. The caller holds the output folder (locked_output_dir)."""
     run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    device = check_device(cfg.model.device)
+    model_path = resolve_model(cfg.model.name, cfg, log)
+    check_model(model_path)
+    encoder = load_encoder(model_path)
+    train_set = load_task(cfg.data.train, cfg, encoder, key="data.train",
+                          split=cfg.data.split, n=cfg.data.synthetic_size,
+                          limit=cfg.data.limit, max_prompt_length=cfg.data.max_prompt_length,
+                          strict=cfg.data.strict, warn=log)
+    rows_per_step(len(train_set), per_step, "data.train", per_step_key, cfg.data.train)
+    if rewards is not None:
+        check_rewards(rewards, sorted(set().union(*(e.reward_row() for e in train_set))))
+    check_eval_tasks(cfg, encoder)
     save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.seed)
-    device = default_device(cfg.model.device)
-    model_path = resolve_model(cfg.model.name, cfg, log)
-    encoder = PromptEncoder(model_path)
     model = load_model(model_path, device=device, dtype=model_dtype(cfg.model.dtype, device),
                        gradient_checkpointing=cfg.model.gradient_checkpointing,
                        freeze_vision=cfg.model.freeze_vision)
-    train_set = load_task(cfg.data.train, cfg, encoder, split=cfg.data.split,
-                          n=cfg.data.synthetic_size, limit=cfg.data.limit,
-                          max_prompt_length=cfg.data.max_prompt_length, strict=cfg.data.strict,
-                          warn=log)
+    master = any(p.requires_grad and p.dtype != torch.float32 for p in model.parameters())
+    check_disk(run_dir, checkpoint_bytes(model, master))
     return Setup(run_dir, model_path, encoder, model, train_set, device)
+
+
+def check_eval_tasks(cfg: Config, encoder) -> None:
+    """Each evaluation set loads (its first row), so a wrong path fails now, not after
+    training."""
+    e = cfg.eval
+    for task, source in e.tasks.items():
+        load_task(source, cfg, encoder, key=f"eval.tasks.{task}", split=e.split,
+                  n=e.synthetic_size, limit=1, max_prompt_length=None, strict=cfg.data.strict,
+                  warn=lambda message: None)
 
 
 def total_steps(n_examples: int, per_step: int, epochs: float, max_steps: int) -> int:
@@ -83,11 +111,13 @@ class Run:
     """A training loop's plumbing (module doc). `section` is the loop's config section
     (cfg.grpo or cfg.sft: lr, lr_schedule, warmup_ratio, weight_decay, max_grad_norm);
     `total` loop steps of `updates_per_step` optimizer steps each (the LR schedule spans all
-    of them). `resumable=False` (the SFT warm-up inside a GRPO run) neither resumes, nor writes
-    periodic checkpoints, nor logs to TensorBoard / W&B."""
+    of them). `resume_from`: the checkpoint to resume from (checkpoint.latest_checkpoint: the
+    newest intact one), or None. `resumable=False` (the SFT warm-up inside a GRPO run) writes no
+    periodic checkpoints and logs to no TensorBoard / W&B."""
 
     def __init__(self, cfg: Config, section, run_dir: Path, model, encoder, order: DataOrder,
-                 total: int, *, updates_per_step: int = 1, desc: str, resumable: bool = True):
+                 total: int, *, updates_per_step: int = 1, desc: str, resumable: bool = True,
+                 resume_from: Optional[Path] = None):
         self.cfg, self.section, self.run_dir = cfg, section, Path(run_dir)
         self.model, self.encoder, self.order, self.total = model, encoder, order, total
         self.optimizer_steps = total * updates_per_step
@@ -96,12 +126,11 @@ class Run:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.start, self.state = 0, {}
-        ckpt = latest_checkpoint(self.run_dir) if resumable else None
-        if ckpt is not None:
-            self.state = load_checkpoint(ckpt, model, self.optimizer)
+        if resume_from is not None:
+            self.state = load_checkpoint(resume_from, model, self.optimizer)
             self.start = self.state["step"]
             order.restore(**self.state["data"])
-            log(f"resumed from {ckpt} at step {self.start}")
+            log(f"resumed from {resume_from} at step {self.start}")
         self.skipped = self.consecutive_bad = 0
         self.logger = MetricsLogger(self.run_dir, tensorboard=resumable and cfg.log.tensorboard,
                                     wandb=resumable and cfg.log.wandb, resume=self.start > 0)

@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 
 from ..loss import token_logprobs
+from .checkpoint import latest_checkpoint
 from .config import Config
 from .data import DataOrder, Example, answer_text
 from .evaluate import evaluate_tasks, print_results
 from .model import PromptEncoder, completion_hidden, encode_images, lm_head_weight
-from .run import MicroBatchFit, Run, setup, total_steps
+from .run import MicroBatchFit, Run, locked_output_dir, log, setup, total_steps
 
 
 def sft_target(example: Example, thinking: str) -> str:
@@ -48,8 +49,9 @@ def train_sft(cfg: Config, model, encoder: PromptEncoder, train_set: list[Exampl
     order = DataOrder(len(train_set), cfg.sft.batch_size, cfg.seed + 1)
     fit = MicroBatchFit(cfg.sft.micro_batch_size)
     metrics: dict = {}
+    resume_from = latest_checkpoint(run_dir, log) if resumable else None
     with Run(cfg, cfg.sft, run_dir, model, encoder, order, steps, desc="sft",
-             resumable=resumable) as run:
+             resumable=resumable, resume_from=resume_from) as run:
         for step in run.steps():
             t0 = time.perf_counter()
             lr = run.set_lr(step)
@@ -78,8 +80,14 @@ def train_sft(cfg: Config, model, encoder: PromptEncoder, train_set: list[Exampl
 
 
 def run_sft(cfg: Config) -> dict:
-    """`mr1fast sft`: the SFT baseline as configured, resumable, evaluated at the end."""
-    s = setup(cfg)
+    """`mr1fast sft`: the SFT baseline as configured, resumable, evaluated at the end. The
+    output folder is locked for the run."""
+    with locked_output_dir(cfg):
+        return _run_sft(cfg)
+
+
+def _run_sft(cfg: Config) -> dict:
+    s = setup(cfg, per_step=cfg.sft.batch_size, per_step_key="sft.batch_size")
     steps = total_steps(len(s.train_set), cfg.sft.batch_size, cfg.sft.epochs, cfg.sft.max_steps)
     metrics = train_sft(cfg, s.model, s.encoder, s.train_set, steps=steps, run_dir=s.run_dir,
                         resumable=True)
