@@ -44,3 +44,13 @@ def misbehaves_on_request(completions, **columns):
     if "exit" in completions:
         os._exit(3)
     return [1.0] * len(completions)
+
+
+def huge(completions, **columns):
+    """A finite value beyond float32's range for the first completion, 1.0 for the others."""
+    return [1e39] + [1.0] * (len(completions) - 1)
+
+
+def takes_no_columns(completions, solution):
+    """A wrong signature: the runner passes every dataset column as a keyword."""
+    return [1.0] * len(completions)

@@ -290,6 +290,17 @@ def _valid():
     ("mask shape", lambda a: a.update(mask=torch.ones(5)), "mask"),
     ("cu_seqlens", lambda a: a.update(cu_seqlens=torch.tensor([0, 2])), "cu_seqlens|hidden"),
     ("impl", lambda a: a.update(impl="cuda"), "impl"),
+    ("NaN weight", lambda a: a["weight"].view(-1)[5].fill_(float("nan")), "weight"),
+    ("NaN beta tensor", lambda a: a.update(beta=torch.tensor(float("nan"))), "beta"),
+    ("negative beta tensor", lambda a: a.update(beta=torch.tensor(-0.1)), "beta"),
+    ("negative importance weights",
+     lambda a: a.update(importance_weights=-torch.ones_like(a["ref_logp"])),
+     "importance_weights"),
+    ("zero num_items_in_batch tensor",
+     lambda a: a.update(num_items_in_batch=torch.tensor(0.0), loss_type="dapo"),
+     "num_items_in_batch"),
+    ("infinite num_items_in_batch",
+     lambda a: a.update(num_items_in_batch=float("inf"), loss_type="dapo"), "num_items_in_batch"),
 ])
 def test_bad_input_raises_value_error_naming_argument(name, change, match):
     args = _valid()
@@ -369,3 +380,17 @@ def test_micro_batch_weights_add_up_to_the_whole_batch(loss_type):
     # The weights are fp32 (the trainer's masks are): fp32 rounding, not fp64.
     assert_close("loss", total, want[0], 1e-9, 1e-6)
     assert_close("dW", w.grad, want[2]["dW"], 1e-9, 1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0)], ids=["no sequences", "no tokens"])
+def test_an_empty_batch_gives_a_zero_loss_with_zero_gradients(impl, shape):
+    B, T = shape
+    h = torch.randn(B, T, 16, requires_grad=True)
+    w = torch.randn(33, 16, requires_grad=True)
+    loss, stats = grpo_loss(h, w, torch.zeros(B, T, dtype=torch.long), torch.zeros(B),
+                            impl=impl)
+    loss.backward()
+    assert loss.item() == 0.0 and stats["kl"].item() == 0.0
+    assert stats["logp"].shape == (B, T)
+    assert torch.count_nonzero(w.grad) == 0

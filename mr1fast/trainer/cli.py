@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from ..loss import beta_schedule, grpo_loss, token_logprobs
-from .errors import EXIT_BUG, EXIT_INTERRUPTED, UserError, debug_enabled, from_os_error
+from .errors import (EXIT_BUG, EXIT_INTERRUPTED, UsageError, UserError, debug_enabled,
+                     from_os_error)
 from .model import PRESETS
 
 
@@ -158,8 +159,9 @@ def main(argv=None) -> int:
     except torch.cuda.OutOfMemoryError as e:
         return _report(args.cmd, UserError(
             f"CUDA out of memory ({str(e).splitlines()[0][:200]})",
-            fix="set grpo.micro_batch_size=0 (the largest micro-batch that fits) or a smaller "
-                "one, model.gradient_checkpointing=true, or a smaller model"), debug)
+            fix="micro-batches already halve down to 1 on their own: lower "
+                "grpo.max_completion_length or grpo.prompts_per_step (the rollout), set "
+                "model.gradient_checkpointing=true, or use a smaller model"), debug)
     except MemoryError:
         return _report(args.cmd, UserError("out of host memory",
                                            fix="use a smaller model or batch"), debug)
@@ -184,7 +186,7 @@ def _report(cmd: str, error: UserError, debug: bool) -> int:
     lines = [f"mr1fast {cmd}: error: {error}"]
     if error.fix:
         lines.append(f"  what to do: {error.fix}")
-    if not debug:
+    if not debug and not isinstance(error, UsageError):
         lines.append("  (--debug or MR1FAST_DEBUG=1 shows the traceback)")
     print("\n".join(lines), file=sys.stderr)
     return error.exit_code

@@ -457,8 +457,8 @@ def load_task(source: str, cfg, encoder, *, key: str, split: str, n: int, limit:
                                warn=warn)
     except ValueError as e:
         raise UserError(f"{key}={source!r} (split {split!r}): {e}",
-                        fix="check the path, the split and the columns; data.strict=false "
-                            "skips bad rows") from None
+                        fix="check the path, the split and the columns (image, problem, "
+                            "solution)") from None
     except OSError as e:
         raise from_os_error(e, f"reading {key}={source!r}") or e
     return result.examples

@@ -60,7 +60,9 @@ class RunLock:
         self.fd = fd
 
     def release(self) -> None:
+        """Clear the record (a clean end leaves nothing to take over) and unlock."""
         if self.fd is not None:
+            os.ftruncate(self.fd, 0)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
