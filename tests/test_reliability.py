@@ -341,3 +341,37 @@ def test_cuda_out_of_memory_says_what_to_change(tmp_path, cache_dir, capsys, mon
     code, _, err = run(capsys, tiny_args(tmp_path / "run", cache_dir))
     assert_clean_failure(code, err, 1, "CUDA out of memory (CUDA out of memory. Tried",
                          "model.gradient_checkpointing=true")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MiB tmpfs: a real file system that fills up (needs mount rights, else skipped)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount_point)],
+                          capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_really_full_disk_keeps_the_previous_checkpoint(small_disk, cache_dir, capsys):
+    """A real ENOSPC: a step checkpoint of the tiny model is ~2.2 MiB, two are kept, so the
+    third does not fit in 6 MiB. torch.save says only 'unexpected pos'; the message must still say
+    the disk is full and name the intact checkpoint. After freeing space the same command
+    resumes and finishes, with every metrics row."""
+    run_dir = small_disk / "run"
+    args = tiny_args(run_dir, cache_dir, "grpo.max_steps=6", "log.keep_checkpoints=2")
+    code, _, err = run(capsys, args)
+    assert_clean_failure(code, err, 1, "no space left on device while writing checkpoint "
+                         "step-000006", "the previous checkpoint step-000004 is intact")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == \
+        ["step-000002", "step-000004"]
+    import shutil
+    shutil.rmtree(run_dir / "checkpoints" / "step-000002")  # the user frees some space
+    code, _, err = run(capsys, args)
+    assert code == 0, err
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]

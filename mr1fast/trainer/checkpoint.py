@@ -71,15 +71,15 @@ def save_checkpoint(run_dir: Path, step: int, model, encoder, optimizer, state: 
         else:
             os.replace(tmp, final)
         _fsync(root)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as e:
+        if not _disk_full(e, root):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
         kept = f"the previous checkpoint {previous.name} is intact" if previous else \
             "no earlier checkpoint exists"
         raise UserError(f"no space left on device while writing checkpoint {final.name} in "
-                        f"{root} ({human_bytes(free_bytes(root))} free); {kept}",
+                        f"{root} ({human_bytes(free_bytes(root))} free after cleaning up); {kept}",
                         fix="free some space and rerun the same command: it resumes from the "
                             "newest intact checkpoint") from e
     finally:
@@ -87,6 +87,19 @@ def save_checkpoint(run_dir: Path, step: int, model, encoder, optimizer, state: 
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _disk_full(e: Exception, folder: Path) -> bool:
+    """Whether a failed write means the disk (or quota) is full. The writers do not agree on
+    how they say it: an OSError with ENOSPC / EDQUOT from Python's own files, safetensors'
+    "No space left on device (os error 28)", and torch.save's zip writer's bare "unexpected pos
+    N vs M" (then the file system is checked: nearly no space left)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    if "No space left on device" in text or "os error 28" in text or "quota exceeded" in text:
+        return True
+    return "unexpected pos" in text and free_bytes(folder) < 64 << 20
 
 
 def _fsync(path: Path) -> None:

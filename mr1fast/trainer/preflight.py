@@ -184,12 +184,19 @@ def check_rewards(weights: dict, columns: list[str]) -> None:
                 from None
 
 
-def checkpoint_bytes(model, master_weights: bool) -> int:
-    """A checkpoint's size by estimate: the weights in their dtype, and the optimizer's state
-    (AdamW's two fp32 moments per trainable parameter, plus fp32 master copies of bf16 ones)."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return int(weights + trainable * 4 * (3 if master_weights else 2))
+def checkpoint_bytes(model_path: str, dtype: torch.dtype, freeze_vision: bool) -> int:
+    """A checkpoint's size by estimate, from the model's config alone (the model is built on the
+    meta device: no memory, no weights read): the weights in `dtype`, and the optimizer's state
+    (AdamW's two fp32 moments per trainable parameter, plus fp32 master copies when the
+    weights are not fp32)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_path))
+    total = sum(p.numel() for p in model.parameters())
+    frozen = sum(p.numel() for p in model.model.visual.parameters()) if freeze_vision else 0
+    per_trainable = 4 * (2 if dtype == torch.float32 else 3)
+    return int(total * dtype.itemsize + (total - frozen) * per_trainable)
 
 
 def check_disk(run_dir: Path, needed: int, what: str = "one checkpoint") -> None:

@@ -62,8 +62,9 @@ def setup(cfg: Config, *, per_step: int, per_step_key: str,
           rewards: Optional[dict] = None) -> Setup:
     """Check everything that can be checked cheaply, then load the model: the device, the model
     name or preset, the training data (at least `per_step` usable rows), the reward functions
-    (`rewards`, GRPO), the evaluation sets; config.yaml is written; then the model, and the free
-    disk space for one checkpoint. The caller holds the output folder (locked_output_dir)."""
+    (`rewards`, GRPO), the evaluation sets, the free disk space for one checkpoint (estimated
+    from the model's config); config.yaml is written; then the model is loaded. The caller
+    holds the output folder (locked_output_dir)."""
     run_dir = Path(cfg.output_dir)
     device = check_device(cfg.model.device)
     model_path = resolve_model(cfg.model.name, cfg, log)
@@ -77,13 +78,13 @@ def setup(cfg: Config, *, per_step: int, per_step_key: str,
     if rewards is not None:
         check_rewards(rewards, sorted(set().union(*(e.reward_row() for e in train_set))))
     check_eval_tasks(cfg, encoder)
+    dtype = model_dtype(cfg.model.dtype, device)
+    check_disk(run_dir, checkpoint_bytes(model_path, dtype, cfg.model.freeze_vision))
     save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.seed)
-    model = load_model(model_path, device=device, dtype=model_dtype(cfg.model.dtype, device),
+    model = load_model(model_path, device=device, dtype=dtype,
                        gradient_checkpointing=cfg.model.gradient_checkpointing,
                        freeze_vision=cfg.model.freeze_vision)
-    master = any(p.requires_grad and p.dtype != torch.float32 for p in model.parameters())
-    check_disk(run_dir, checkpoint_bytes(model, master))
     return Setup(run_dir, model_path, encoder, model, train_set, device)
 
 
