@@ -138,6 +138,13 @@ def test_runtime_failures_exit_1_early_with_what_to_do(tmp_path, cache_dir, caps
         assert not (run_dir / "sft_warmup").exists()
 
 
+def test_init_model_into_a_path_under_a_file(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run(capsys, ["init-model", str(tmp_path / "afile" / "model")])
+    assert_clean_failure(code, err, 1, "a file already stands where a folder is needed",
+                         str(tmp_path / "afile"))
+
+
 def test_a_read_only_output_folder(tmp_path, cache_dir, capsys, monkeypatch):
     """EROFS while probing the folder (root ignores permission bits, so it is injected)."""
     def read_only(self, data):

@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return _interrupted(args)
     except OSError as e:
-        user = from_os_error(e, "the run stopped")
+        user = from_os_error(e, "a file operation failed")
         if user is None:
             return _bug(args.cmd)
         return _report(args.cmd, user, debug)

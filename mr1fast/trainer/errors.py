@@ -48,6 +48,8 @@ _OS_ERRORS = {
     errno.ENOTDIR: ("a file stands where a folder is needed", "remove it or choose another path"),
     errno.EISDIR: ("a folder stands where a file is needed", "remove it or choose another path"),
     errno.ENOENT: ("no such file or folder", "check the path"),
+    errno.EEXIST: ("a file already stands where a folder is needed",
+                   "remove it or choose another path"),
     errno.EMFILE: ("too many open files", "raise the limit (ulimit -n)"),
 }
 
