@@ -29,9 +29,10 @@ import torch
 from ..loss import group_advantages, grpo_loss, importance_weights, micro_batch_weight, \
     token_logprobs
 from ..rollout import HFSampler, PromptBatch, Rollout, SamplingParams, resolve_sampler
-from .checkpoint import latest_checkpoint
+from .checkpoint import checkpoint_problem, latest_checkpoint
 from .config import Config, kl_schedule
 from .data import DataOrder
+from .errors import UserError
 from .evaluate import evaluate_tasks, print_results
 from .metrics import device_peak_mb
 from .model import completion_hidden, encode_images, lm_head_weight, load_model
@@ -79,6 +80,12 @@ def _train_grpo(cfg: Config, on_step) -> dict:
         if any(beta_at(k) > 0 for k in range(total * mu + 1)):
             ref_path = warmup_dir / "checkpoints" / "final" if g.sft_warmup_steps > 0 \
                 else s.model_path
+            problem = checkpoint_problem(ref_path) if g.sft_warmup_steps > 0 else None
+            if problem is not None:
+                raise UserError(f"the reference model, the SFT warm-up's result {ref_path}, "
+                                f"is damaged ({problem})",
+                                fix=f"delete {s.run_dir} (or use another --output-dir) to "
+                                    "redo the warm-up")
             ref = load_model(str(ref_path), device=device, dtype=next(policy.parameters()).dtype,
                              trainable=False)
         sampler = make_sampler(cfg, policy, encoder, s.model_path)
