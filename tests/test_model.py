@@ -143,14 +143,56 @@ def test_load_model_names_a_missing_checkpoint(tmp_path):
 
 
 def test_hf_sampler_logprobs_follow_the_temperature(setup):
+    """The recorded log-probs are those of the distribution each token was drawn from: the
+    policy's at temperature 0.7 with the multimodal tokens suppressed (a -1e9 bias here)."""
     model, encoder, prompts = setup
-    sampler = HFSampler(model, encoder.stop_ids, encoder.tokenizer.pad_token_id)
+    sampler = HFSampler(model, encoder.stop_ids, encoder.tokenizer.pad_token_id,
+                        encoder.multimodal_ids)
     torch.manual_seed(4)
     out = sampler.generate(prompts, 2, SamplingParams(max_new_tokens=8, temperature=0.7))
+    W = lm_head_weight(model)
+    suppressed = torch.zeros(W.shape[0])
+    suppressed[encoder.multimodal_ids] = -1e9
     with torch.no_grad():
         hidden = completion_hidden(model, prompts, encode_images(model, prompts),
                                    out.prompt_index, out.completion_ids, out.completion_mask)
-        policy = token_logprobs(hidden, lm_head_weight(model), out.completion_ids,
+        policy = token_logprobs(hidden, W, out.completion_ids, bias=suppressed.detach(),
                                 temperature=0.7, impl="torch")
     m = out.completion_mask > 0
     assert (policy - out.logprobs)[m].abs().max() < 1e-5
+
+
+def test_seeded_completions_do_not_depend_on_the_rest_of_the_batch(setup):
+    """A prompt's completions come from generators seeded by its seed alone: the same with
+    other prompts beside it or alone, in another position (world-size independence)."""
+    model, encoder, prompts = setup
+    sampler = HFSampler(model, encoder.stop_ids, encoder.tokenizer.pad_token_id,
+                        encoder.multimodal_ids)
+    params = SamplingParams(max_new_tokens=10, temperature=1.0)
+    both = sampler.generate(prompts.select(torch.tensor([0, 2])), 3, params, seeds=[11, 22])
+    alone = sampler.generate(prompts.select(torch.tensor([2])), 3, params, seeds=[22])
+    assert torch.equal(both.completion_ids[3:], alone.completion_ids)
+    assert torch.allclose(both.logprobs[3:], alone.logprobs, atol=1e-5)
+    other = sampler.generate(prompts.select(torch.tensor([2])), 3, params, seeds=[23])
+    assert not torch.equal(other.completion_ids, alone.completion_ids)
+    assert not torch.equal(alone.completion_ids[0], alone.completion_ids[1])  # j differs
+
+
+def test_gumbel_max_draws_from_the_softmax():
+    """The seeded sampler's draws follow softmax(scores / T) after top-k: frequencies over
+    20000 rows within 4 standard errors, nothing outside the top k."""
+    from mr1fast.rollout.hf_sampler import _SeededSampling
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12) * 2
+    rows = 20000
+    params = SamplingParams(temperature=0.7, top_k=6)
+    sampler = _SeededSampling(range(rows), params, torch.device("cpu"))
+    draws = sampler(None, logits.expand(rows, -1)).argmax(-1)
+    top = logits[0].topk(6).indices
+    want = torch.zeros(12)
+    want[top] = torch.softmax(logits[0, top] / 0.7, -1)
+    freq = torch.bincount(draws, minlength=12).float() / rows
+    assert (freq[want == 0] == 0).all()
+    se = (want * (1 - want) / rows).sqrt()
+    assert ((freq - want).abs() <= 4 * se + 1e-9).all(), (freq, want)

@@ -95,6 +95,20 @@ def test_sampled_logprobs_are_those_of_the_processed_distribution(tiny):
     assert torch.equal(a.completion_ids, b.completion_ids)
 
 
+def test_per_request_seeds_make_samples_independent_of_the_batch(tiny):
+    """vLLM's per-request seed: a prompt's completions are the same alone and beside others."""
+    path, encoder = tiny
+    sampler = make_sampler(tiny)
+    prompts = prompts_for(encoder, salt=5)
+    params = SamplingParams(max_new_tokens=10)
+    both = sampler.generate(prompts, 2, params, seeds=[7, 8, 9])
+    alone = sampler.generate(prompts.select(torch.tensor([1])), 2, params, seeds=[8])
+    assert torch.equal(both.completion_ids[2:4, :alone.completion_ids.shape[1]],
+                       alone.completion_ids)
+    again = sampler.generate(prompts.select(torch.tensor([1])), 2, params, seeds=[8])
+    assert torch.equal(again.completion_ids, alone.completion_ids)
+
+
 def test_hot_swap_moves_the_engine_to_new_weights_and_back(tiny):
     """One large-lr step moves the policy's log-probs of fixed sequences far beyond TOL. The
     engine keeps the old weights until the sync, then matches the new ones (and no longer the

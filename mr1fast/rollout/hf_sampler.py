@@ -1,7 +1,16 @@
-"""transformers' generate as a sampler (sampler=hf): colocated, on the policy itself."""
+"""transformers' generate as a sampler (sampler=hf): colocated, on the policy itself.
+
+Sampling is seeded per completion: completion j of a prompt with seed s draws its tokens from
+its own generator, seeded by (s, j), by Gumbel-max (argmax(scores / T + Gumbel noise) is a draw
+from softmax(scores / T)) in a logits processor, with generate itself running greedy. So a
+completion does not depend on which other prompts share its batch: the trainer's samples are
+the same at every world size. It also avoids torch.multinomial's cumulative sum over a
+151936-entry vocabulary.
+"""
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import hashlib
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -45,6 +54,36 @@ class _SampledLogprobs:
         return torch.stack(self.steps, 1)
 
 
+def completion_seed(seed: int, j: int) -> int:
+    """The generator seed of completion j of a prompt with seed `seed` (63 bits)."""
+    digest = hashlib.blake2b(f"{seed}/{j}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class _SeededSampling:
+    """A logits processor that samples each row from softmax(scores / T), after top-k and
+    top-p, with the row's own generator, by Gumbel-max: it returns scores / T + G where
+    G = -log(-log(U)) is Gumbel noise, so generate's greedy argmax is the sample (and -inf
+    where a token may not be drawn)."""
+
+    def __init__(self, seeds: Sequence[int], params: SamplingParams, device: torch.device):
+        from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+        self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+        self.temperature = params.temperature
+        self.warpers = ([TopKLogitsWarper(params.top_k)] if params.top_k > 0 else []) + \
+            ([TopPLogitsWarper(params.top_p)] if params.top_p < 1.0 else [])
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        z = scores.float() / self.temperature
+        for warp in self.warpers:
+            z = warp(input_ids, z)
+        u = torch.stack([torch.rand(z.shape[1], generator=g, device=z.device)
+                         for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp(min=torch.finfo(torch.float32).tiny)))
+        return z + gumbel
+
+
 class HFSampler:
     """transformers' generate on `model` (colocated: by default the policy itself, so
     update_weights has nothing to copy; given a separate model it copies the tensors in)."""
@@ -57,36 +96,50 @@ class HFSampler:
         self.suppress_ids = list(suppress_ids)
 
     @torch.no_grad()
-    def generate(self, prompts: PromptBatch, n: int, params: SamplingParams) -> Rollout:
+    def generate(self, prompts: PromptBatch, n: int, params: SamplingParams,
+                 seeds: Optional[Sequence[int]] = None) -> Rollout:
+        """n completions per prompt; `seeds` (one per prompt) make each completion's draw its
+        own (default: seeds drawn from torch's global generator)."""
         from transformers import GenerationConfig, LogitsProcessorList
 
         # A fresh generation config: nothing from the checkpoint's generation_config.json
-        # (a repetition penalty, say) changes the distribution the samples come from.
-        sampling = {} if params.greedy else dict(
-            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        # (a repetition penalty, say) changes the distribution the samples come from. Greedy
+        # decoding (sampling happens in _SeededSampling), on the prompts repeated n times
+        # (greedy generate takes no num_return_sequences).
+        index = torch.arange(len(prompts)).repeat_interleave(n)
+        rows = prompts.select(index) if n > 1 else prompts
         config = GenerationConfig(
-            max_new_tokens=params.max_new_tokens, do_sample=not params.greedy, **sampling,
-            num_return_sequences=n, repetition_penalty=1.0, pad_token_id=self.pad_id,
-            eos_token_id=None if params.ignore_eos else self.stop_ids,
+            max_new_tokens=params.max_new_tokens, do_sample=False, num_beams=1,
+            repetition_penalty=1.0,
+            pad_token_id=self.pad_id, eos_token_id=None if params.ignore_eos else self.stop_ids,
             min_new_tokens=params.max_new_tokens if params.ignore_eos else 0,
             suppress_tokens=self.suppress_ids or None, use_cache=True)
         recorder = _SampledLogprobs(1.0 if params.greedy else params.temperature)
+        processors = [recorder]
+        if not params.greedy:
+            if seeds is None:
+                seeds = torch.randint(0, 2**62, (len(prompts),)).tolist()
+            if len(seeds) != len(prompts):
+                raise ValueError(f"seeds: expected one per prompt ({len(prompts)}), got "
+                                 f"{len(seeds)}")
+            processors.append(_SeededSampling(
+                [completion_seed(s, j) for s in seeds for j in range(n)], params,
+                prompts.input_ids.device))
         was_training = self.model.training
         self.model.eval()
         try:
             out = self.model.generate(
-                input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
-                pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
-                mm_token_type_ids=(prompts.input_ids == prompts.image_token_id).int(),
-                generation_config=config, logits_processor=LogitsProcessorList([recorder]))
+                input_ids=rows.input_ids, attention_mask=rows.attention_mask,
+                pixel_values=rows.pixel_values, image_grid_thw=rows.image_grid_thw,
+                mm_token_type_ids=(rows.input_ids == rows.image_token_id).int(),
+                generation_config=config, logits_processor=LogitsProcessorList(processors))
         finally:
             self.model.train(was_training)
-        ids = out[:, prompts.input_ids.shape[1]:]
+        ids = out[:, rows.input_ids.shape[1]:]
         mask = torch.ones_like(ids, dtype=torch.float32) if params.ignore_eos \
             else completion_mask(ids, self.stop_ids)
         logp = recorder.finish(ids)
         logp = torch.where(mask > 0, logp, torch.zeros_like(logp))
-        index = torch.arange(len(prompts)).repeat_interleave(n)
         return Rollout(ids.masked_fill(mask == 0, self.pad_id), mask, logp, index)
 
     @torch.no_grad()

@@ -1,6 +1,6 @@
 """The sampler interface and what crosses it. The trainer uses:
 
-    generate(prompts: PromptBatch, n: int, params: SamplingParams) -> Rollout
+    generate(prompts: PromptBatch, n: int, params: SamplingParams, seeds=None) -> Rollout
     update_weights(named_tensors: Iterable[tuple[str, Tensor]]) -> None
 
 `hf_sampler.HFSampler` implements it with transformers' generate on the policy itself;
@@ -75,7 +75,11 @@ class Rollout:
 
 
 class Sampler(Protocol):
-    def generate(self, prompts: PromptBatch, n: int, params: SamplingParams) -> Rollout: ...
+    def generate(self, prompts: PromptBatch, n: int, params: SamplingParams,
+                 seeds: Optional[Sequence[int]] = None) -> Rollout:
+        """n completions per prompt, prompt-major. `seeds`: one per prompt; a prompt's
+        completions are drawn from generators seeded by it alone, so they do not depend on the
+        other prompts of the batch (or the world size)."""
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
 

@@ -243,12 +243,19 @@ class VLLMSampler:
                 for p, c in completions]
 
     @torch.no_grad()
-    def generate(self, prompts: PromptBatch, n: int, params: SamplingParams) -> Rollout:
+    def generate(self, prompts: PromptBatch, n: int, params: SamplingParams,
+                 seeds: Optional[Sequence[int]] = None) -> Rollout:
+        """n completions per prompt; `seeds` (one per prompt) seed each request's own
+        generator (vLLM's per-request seed), so a prompt's samples do not depend on the rest
+        of the batch."""
         if self._asleep:
             self._wake(["weights"])  # level 1 keeps the weights; a sync may have been skipped
             self._wake(["kv_cache"])
-        outs = self.llm.generate(self._requests(prompts), self._sampling_params(n, params),
-                                 use_tqdm=False)
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"seeds: expected one per prompt ({len(prompts)}), got {len(seeds)}")
+        sampling = self._sampling_params(n, params) if seeds is None or params.greedy else \
+            [self._sampling_params(n, params, seed=int(s) % 2**63) for s in seeds]
+        outs = self.llm.generate(self._requests(prompts), sampling, use_tqdm=False)
         samples = [o for out in outs for o in out.outputs]
         width = max([len(o.token_ids) for o in samples] + [1])
         ids = torch.full((len(samples), width), self.pad_id, dtype=torch.long)

@@ -19,6 +19,7 @@ or gradient norm (which skips the optimizer step) in Run.optimizer_step.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -104,9 +105,11 @@ def _train_grpo(cfg: Config, on_step) -> dict:
         for step in run.steps():
             t0 = time.perf_counter()
             # 1. Rollout: G completions for each of the step's P prompts.
-            examples = [s.train_set[i] for i in run.order.next()]
+            indices = run.order.next()
+            examples = [s.train_set[i] for i in indices]
             prompts = encoder.encode_examples(examples, device)
-            rollout = sampler.generate(prompts, G, params)
+            rollout = sampler.generate(prompts, G, params,
+                                       seeds=[prompt_seed(cfg.seed, step, i) for i in indices])
             ids, mask = rollout.completion_ids, rollout.completion_mask
             lo, hi = torch.stack([ids.min(), ids.max()]).tolist()
             if lo < 0 or hi >= vocab:
@@ -200,6 +203,13 @@ def _train_grpo(cfg: Config, on_step) -> dict:
     print_results("after GRPO-D" if kind == "grpo_d" else "after GRPO", results["final"])
     (s.run_dir / "eval.json").write_text(json.dumps(results, indent=2))
     return {"metrics": metrics, "eval": results, "steps": total, "run_dir": str(s.run_dir)}
+
+
+def prompt_seed(seed: int, step: int, example: int) -> int:
+    """The sampling seed of a prompt: a function of the run's seed, the step and the example's
+    index only, so the samples do not depend on batch composition or world size."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{example}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def at(x: Optional[torch.Tensor], rows: slice) -> Optional[torch.Tensor]:
