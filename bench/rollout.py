@@ -49,8 +49,9 @@ def main(argv=None) -> int:
     from mr1fast.rollout import HFSampler, SamplingParams  # first: the torchvision shim
     from mr1fast.rollout.vllm_sampler import VLLMSampler
     from mr1fast.trainer.data import make_counting, question
+    from mr1fast.trainer.distributed import World
     from mr1fast.trainer.grpo import sync_weights
-    from mr1fast.trainer.model import PromptEncoder, init_tiny_model, load_model
+    from mr1fast.trainer.model import Policy, PromptEncoder, init_tiny_model, load_model
 
     path = args.model
     if path == "tiny":
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
                        suppress_ids=encoder.multimodal_ids,
                        max_model_len=512, max_num_seqs=max(p * g for p, g, _ in SHAPES))
     start_s = time.perf_counter() - t0
-    sync_weights(vllm, policy)
+    sync_weights(vllm, Policy(policy), World())
     records.append(results.record("engine_start", "vllm", "init", {"model": Path(path).name},
                                   torch.float32, "seconds", start_s, "s"))
     vllm_rates = measure("vllm", vllm)
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     n_params = sum(t.numel() for t in policy.parameters())
     n_train = sum(t.numel() for t in policy.parameters() if t.requires_grad)
     full = _median_time(lambda: vllm.update_weights(policy.named_parameters()), args.repeats)
-    part = _median_time(lambda: sync_weights(vllm, policy), args.repeats)
+    part = _median_time(lambda: sync_weights(vllm, Policy(policy), World()), args.repeats)
     for mode, sec, n in (("all", full, n_params), ("trainable", part, n_train)):
         records.append(results.record("weight_sync", "vllm", mode, {"params": n,
                                       "model": Path(path).name}, torch.float32, "seconds", sec,

@@ -53,3 +53,13 @@ def tiny_policy_and_prompts(model_dir, n: int, seed: int):
                              torch.device("cpu"))
     return model, encoder, prompts
 
+
+
+def read_step_checkpoint(ckpt, tmp_path):
+    """A step checkpoint's DCP weights as one plain dict: {"model": {name: tensor},
+    "optim": {name: {"exp_avg", "exp_avg_sq", "step"}}}."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp_path / f"{ckpt.name}.pt"
+    dcp_to_torch_save(ckpt / "weights", out)
+    return torch.load(out, weights_only=True)

@@ -374,7 +374,9 @@ def test_micro_batch_weights_add_up_to_the_whole_batch(loss_type):
         part = {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() == 2 else v
                 for k, v in kw.items()}
         loss, _ = grpo_loss(hidden[rows], w, targets[rows], adv[rows], impl="torch", **part)
-        loss = loss * micro_batch_weight(loss_type, kw["mask"][rows], kw["mask"])
+        loss = loss * micro_batch_weight(loss_type, kw["mask"][rows],
+                                         total_sequences=kw["mask"].shape[0],
+                                         total_tokens=kw["mask"].sum())
         loss.backward()
         total = total + loss.detach()
     # The weights are fp32 (the trainer's masks are): fp32 rounding, not fp64.

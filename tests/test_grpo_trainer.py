@@ -6,11 +6,14 @@ import pytest
 import torch
 
 import mr1fast.trainer.grpo as train_module
+from helpers import read_step_checkpoint
+
 from mr1fast.trainer.checkpoint import STATE_FILE, latest_checkpoint
 from mr1fast.trainer.config import embedded_default, from_dict
 from mr1fast.trainer.evaluate import run_eval
 from mr1fast.trainer.grpo import train_grpo
 from mr1fast.trainer.metrics import read_metrics
+from mr1fast.trainer.model import load_model
 from mr1fast.trainer.sft import run_sft
 
 
@@ -62,8 +65,13 @@ def test_run_directory_holds_config_metrics_plot_eval(tmp_path, cache_dir):
     ckpt = latest_checkpoint(tmp_path)
     assert ckpt.name == "step-000004" and out["steps"] == 4
     state = torch.load(ckpt / STATE_FILE, weights_only=True)  # safe format
-    assert state["step"] == 4 and "optimizer" in state
-    assert (ckpt / "model.safetensors").is_file()
+    assert state["step"] == 4 and state["data"] and "rng" in state
+    weights = read_step_checkpoint(ckpt, tmp_path)
+    trainable = {n for n, p in load_model(str(ckpt), device=torch.device("cpu"),
+                                          dtype=torch.float32).named_parameters()
+                 if "visual" not in n}  # the embedded default freezes the vision tower
+    assert trainable and trainable == set(weights["optim"])
+    assert {"exp_avg", "exp_avg_sq", "step"} == set(weights["optim"][next(iter(trainable))])
 
 
 def test_resume_reproduces_the_next_steps(tmp_path, cache_dir):
@@ -113,21 +121,21 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, cache_dir,
     import mr1fast.trainer.checkpoint as ckpt_module
 
     cfg = tiny_config(tmp_path, cache_dir)
-    real_save = ckpt_module.torch.save
+    real_save = ckpt_module.dcp.save
     calls = {"n": 0}
 
-    def dies_second_time(*args, **kwargs):
+    def dies_second_time(*args, **kwargs):  # while writing step-000004's weights
         calls["n"] += 1
         if calls["n"] == 2:
-            raise OSError("disk full")
+            raise OSError("the machine broke")
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt_module.torch, "save", dies_second_time)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(ckpt_module.dcp, "save", dies_second_time)
+    with pytest.raises(OSError, match="the machine broke"):
         train_grpo(cfg)
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert ckpts == ["step-000002"]  # no half-written step-000004, no temp folder left
-    monkeypatch.setattr(ckpt_module.torch, "save", real_save)
+    monkeypatch.setattr(ckpt_module.dcp, "save", real_save)
     train_grpo(cfg)  # resumes from step 2 and finishes
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
 
@@ -165,9 +173,8 @@ def test_micro_batches_add_up_to_the_whole_batch(tmp_path, cache_dir):
                                 "lr": 1e-3},
                           eval={"limit": 2, "max_new_tokens": 4})
         metrics = train_grpo(cfg)["metrics"]
-        weights = torch.load(tmp_path / name / "checkpoints" / "step-000001" /
-                             "trainer_state.pt", weights_only=True)["optimizer"]
-        return metrics, weights["state"]
+        ckpt = tmp_path / name / "checkpoints" / "step-000001"
+        return metrics, read_step_checkpoint(ckpt, tmp_path)["optim"]
 
     (whole, adam1), (split, adam2) = one_step("whole", 0), one_step("split", 3)
     for key in ("loss", "kl", "entropy", "clip_frac", "grad_norm", "reward_mean"):
@@ -205,16 +212,19 @@ def test_bf16_master_weights_start_from_the_warmed_up_policy(tmp_path, cache_dir
     """bf16 weights train through fp32 masters (run.MasterWeightsAdamW). The GRPO optimizer is
     built after the SFT warm-up, so its masters copy the warmed-up policy: with lr = 0 the
     policy after one GRPO step is exactly the warm-up's result, not the model it started from."""
-    from safetensors.torch import load_file
-
     cfg = tiny_config(tmp_path, cache_dir, model={"dtype": "bf16"},
                       grpo={"max_steps": 1, "sft_warmup_steps": 2, "lr": 0.0},
                       sft={"batch_size": 4}, eval={"limit": 2, "max_new_tokens": 4})
     train_grpo(cfg)
-    warm = load_file(tmp_path / "sft_warmup" / "checkpoints" / "final" / "model.safetensors")
-    after = load_file(tmp_path / "checkpoints" / "step-000001" / "model.safetensors")
-    start = load_file(cache_dir / "tiny-qwen2vl-seed0" / "model.safetensors")
+
+    def weights(path):
+        model = load_model(str(path), device=torch.device("cpu"), dtype=torch.bfloat16)
+        return dict(model.named_parameters())
+
+    warm = weights(tmp_path / "sft_warmup" / "checkpoints" / "final")
+    after = weights(tmp_path / "checkpoints" / "step-000001")  # the fp32 masters, rounded
+    start = weights(cache_dir / "tiny-qwen2vl-seed0")
     assert warm.keys() == after.keys()
     assert all(torch.equal(warm[k], after[k]) for k in warm)
-    moved = [k for k in warm if k in start and not torch.equal(warm[k], start[k].to(warm[k].dtype))]
+    moved = [k for k in warm if not torch.equal(warm[k], start[k])]
     assert moved, "the warm-up must have changed the weights for this test to mean anything"

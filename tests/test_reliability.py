@@ -187,23 +187,23 @@ def test_a_bug_in_mr1fast_shows_its_traceback(tmp_path, cache_dir, capsys, monke
 
 def test_disk_full_while_checkpointing_keeps_the_previous_one(tmp_path, cache_dir, capsys,
                                                               monkeypatch):
-    real_save = checkpoint_module.torch.save
+    real_save = checkpoint_module.dcp.save
     calls = {"n": 0}
 
-    def full_disk_second_time(*args, **kwargs):
+    def full_disk_second_time(*args, **kwargs):  # while writing step-000004's weights
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk_second_time)
+    monkeypatch.setattr(checkpoint_module.dcp, "save", full_disk_second_time)
     run_dir = tmp_path / "run"
     code, _, err = run(capsys, tiny_args(run_dir, cache_dir))
     assert_clean_failure(code, err, 1, "no space left on device while writing checkpoint "
                          "step-000004", "the previous checkpoint step-000002 is intact",
                          "rerun the same command")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002"]
-    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    monkeypatch.setattr(checkpoint_module.dcp, "save", real_save)
     code, _, err = run(capsys, tiny_args(run_dir, cache_dir))
     assert code == 0, err
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3, 4]
@@ -238,15 +238,15 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, cache_
                                                                damage):
     run_dir = tmp_path / "run"
     assert run(capsys, tiny_args(run_dir, cache_dir))[0] == 0
-    weights = run_dir / "checkpoints" / "step-000004" / "model.safetensors"
+    weights = run_dir / "checkpoints" / "step-000004" / "weights" / "__0_0.distcp"
     data = bytearray(weights.read_bytes())
     if damage == "truncated":
         weights.write_bytes(data[: len(data) // 2])
-        why = "model.safetensors has"
+        why = "weights/__0_0.distcp has"
     else:
         data[len(data) // 2] ^= 0xFF
         weights.write_bytes(bytes(data))
-        why = "model.safetensors does not match its checksum"
+        why = "weights/__0_0.distcp does not match its checksum"
     code, _, err = run(capsys, tiny_args(run_dir, cache_dir, "grpo.max_steps=6"))
     assert code == 0, err
     assert f"checkpoint {run_dir / 'checkpoints' / 'step-000004'} is damaged ({why}" in err
@@ -367,8 +367,8 @@ def small_disk(tmp_path):
 
 def test_a_really_full_disk_keeps_the_previous_checkpoint(small_disk, cache_dir, capsys):
     """A real ENOSPC: a step checkpoint of the tiny model is ~2.2 MiB, two are kept, so the
-    third does not fit in 6 MiB. torch.save says only 'unexpected pos'; the message must still say
-    the disk is full and name the intact checkpoint. After freeing space the same command
+    third does not fit in 6 MiB. The writers report it in their own ways (DCP wraps the
+    OSError); the message must still say the disk is full and name the intact checkpoint. After freeing space the same command
     resumes and finishes, with every metrics row."""
     run_dir = small_disk / "run"
     args = tiny_args(run_dir, cache_dir, "grpo.max_steps=6", "log.keep_checkpoints=2")

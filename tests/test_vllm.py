@@ -12,9 +12,10 @@ from mr1fast import grpo_loss
 from mr1fast.rollout import SamplingParams, vllm_available
 from mr1fast.rollout.vllm_sampler import _ENGINES, VLLMSampler
 from mr1fast.trainer.cli import main
+from mr1fast.trainer.distributed import World
 from mr1fast.trainer.grpo import StepBatch, sync_weights
 from mr1fast.trainer.metrics import read_metrics
-from mr1fast.trainer.model import (PromptEncoder, completion_hidden, encode_images,
+from mr1fast.trainer.model import (Policy, PromptEncoder, completion_hidden, encode_images,
                                    lm_head_weight, load_model)
 from mr1fast.trainer.run import MicroBatchFit
 
@@ -56,14 +57,15 @@ def prompts_for(encoder, salt: int, n: int = 3):
 
 
 def policy_logprobs(policy, prompts, rollout) -> torch.Tensor:
-    return StepBatch(prompts, rollout, None).logprobs(policy, MicroBatchFit(0), "torch", 1.0)
+    return StepBatch(prompts, rollout, None).logprobs(Policy(policy), MicroBatchFit(0), "torch",
+                                                      1.0)
 
 
 def test_sampled_logprobs_are_those_of_the_processed_distribution(tiny):
     path, encoder = tiny
     policy = load_model(path, device=torch.device("cpu"), dtype=torch.float32)
     sampler = make_sampler(tiny)
-    sync_weights(sampler, policy)
+    sync_weights(sampler, Policy(policy), World())
     prompts = prompts_for(encoder, salt=1)
     W = lm_head_weight(policy)
     for temperature in (1.0, 0.7):
@@ -119,7 +121,7 @@ def test_hot_swap_moves_the_engine_to_new_weights_and_back(tiny):
     policy = load_model(path, device=torch.device("cpu"), dtype=torch.float32,
                         freeze_vision=True)
     sampler = make_sampler(tiny)
-    sync_weights(sampler, policy)
+    sync_weights(sampler, Policy(policy), World())
     prompts = prompts_for(encoder, salt=2)
     rollout = sampler.generate(prompts, 4, SamplingParams(max_new_tokens=16))
     m = rollout.completion_mask > 0
@@ -139,7 +141,8 @@ def test_hot_swap_moves_the_engine_to_new_weights_and_back(tiny):
     assert (p1 - p0)[m].abs().mean() > MOVE
 
     assert (sampler.score(prompts, rollout) - p0)[m].abs().max() < TOL  # not synced yet
-    sync_weights(sampler, policy)  # trainable parameters only: the vision tower is frozen
+    # Trainable parameters only: the vision tower is frozen.
+    sync_weights(sampler, Policy(policy), World())
     new = sampler.score(prompts, rollout)
     assert (new - p1)[m].abs().max() < TOL
     assert (new - p0)[m].abs().mean() > MOVE

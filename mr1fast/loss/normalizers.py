@@ -36,16 +36,16 @@ def token_scales(batch) -> torch.Tensor:
     return m / batch.num_items
 
 
-def micro_batch_weight(loss_type: str, micro_mask: torch.Tensor,
-                       batch_mask: torch.Tensor) -> torch.Tensor:
+def micro_batch_weight(loss_type: str, micro_mask: torch.Tensor, *, total_sequences: int,
+                       total_tokens: torch.Tensor) -> torch.Tensor:
     """The weight w of a micro-batch's grpo_loss (computed on its own, with the default
-    normalisers) in the loss of the batch it belongs to: the sum over micro-batches of
-    w * grpo_loss(micro) is grpo_loss(batch). micro_mask [b, T] and batch_mask [B, T] are the
-    token masks (rows = sequences). Returns a 0-d fp32 tensor on the masks' device (no sync:
-    torch.full launches a fill, it copies nothing from the host)."""
+    normalisers) in the loss of the whole batch it belongs to: the sum over micro-batches of
+    w * grpo_loss(micro) is grpo_loss(batch). micro_mask [b, T] is the micro-batch's token
+    mask (rows = sequences); total_sequences and total_tokens (a 0-d or 1-element tensor) count
+    the whole batch, across accumulation steps and processes. Returns a 0-d fp32 tensor on the
+    mask's device (no sync: torch.full launches a fill, it copies nothing from the host)."""
     if loss_type not in NORMALISED_BY:
         raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
     if NORMALISED_BY[loss_type] == "sequences":
-        return torch.full((), micro_mask.shape[0] / batch_mask.shape[0],
-                          device=micro_mask.device)
-    return micro_mask.float().sum() / batch_mask.float().sum().clamp(min=1.0)
+        return torch.full((), micro_mask.shape[0] / total_sequences, device=micro_mask.device)
+    return micro_mask.float().sum() / total_tokens.float().reshape(()).clamp(min=1.0)

@@ -94,6 +94,7 @@ class HFSampler:
         self.stop_ids = list(stop_ids)
         self.pad_id = pad_id
         self.suppress_ids = list(suppress_ids)
+        self.needs_full_sync = True  # a separate model gets every weight once, then trainables
 
     @torch.no_grad()
     def generate(self, prompts: PromptBatch, n: int, params: SamplingParams,
@@ -151,3 +152,4 @@ class HFSampler:
             dst = params[name]
             if dst.data_ptr() != tensor.data_ptr():
                 dst.copy_(tensor)
+        self.needs_full_sync = False

@@ -165,7 +165,9 @@ def main(argv=None) -> int:
     except MemoryError:
         return _report(args.cmd, UserError("out of host memory",
                                            fix="use a smaller model or batch"), debug)
-    except Exception:
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException:  # a bug; BaseException too: DCP's CheckpointException is one
         return _bug(args.cmd)
 
 

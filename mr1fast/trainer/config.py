@@ -130,6 +130,15 @@ class VLLMConfig:
 
 
 @dataclass
+class DistConfig:
+    """Several processes (torchrun; mr1fast/trainer/distributed.py). Ignored in one process."""
+    timeout_s: float = 1800.0         # every collective; a rank that dies or hangs stops the job
+    cpu_offload: bool = False         # FSDP2: sharded parameters, gradients and Adam state on CPU
+    reference: str = "shard"          # the frozen reference model: shard (FSDP2) or offload
+                                      # (sharded, parameters on CPU)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -138,6 +147,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     sampler: str = "auto"             # rollouts: vllm, hf (transformers' generate), auto (vllm
                                       # when it is importable)
     seed: int = 42
@@ -156,12 +166,13 @@ CHOICES = {
     "vllm.importance_sampling": ("none", "token", "sequence"),
     "vllm.is_mode": ("truncate", "mask"),
     "vllm.sleep_level": (0, 1, 2),
+    "dist.reference": ("shard", "offload"),
 }
 POSITIVE = ("grpo.num_generations", "grpo.prompts_per_step", "grpo.updates_per_batch",
             "grpo.max_completion_length", "sft.batch_size", "eval.max_new_tokens",
             "eval.batch_size", "data.max_prompt_length", "log.save_every", "log.keep_checkpoints",
             "grpo.max_bad_steps", "grpo.temperature", "vllm.sync_every", "vllm.sync_bucket_mb",
-            "vllm.cpu_kv_cache_gb", "vllm.is_cap", "grpo.reward_timeout_s")
+            "vllm.cpu_kv_cache_gb", "vllm.is_cap", "grpo.reward_timeout_s", "dist.timeout_s")
 NON_NEGATIVE = ("grpo.lr", "sft.lr", "grpo.epochs",
                 "sft.epochs", "grpo.max_steps", "sft.max_steps", "grpo.micro_batch_size",
                 "sft.micro_batch_size", "data.limit", "eval.limit", "grpo.sft_warmup_steps",

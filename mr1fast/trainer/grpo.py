@@ -33,83 +33,81 @@ from ..rollout import HFSampler, PromptBatch, Rollout, SamplingParams, resolve_s
 from .checkpoint import checkpoint_problem, latest_checkpoint
 from .config import Config, kl_schedule
 from .data import DataOrder
+from .distributed import World, full_tensors, shard
 from .errors import UserError
 from .evaluate import evaluate_tasks, print_results
 from .metrics import device_peak_mb
-from .model import completion_hidden, encode_images, lm_head_weight, load_model
-from .rewards import RewardRunner
-from .run import MicroBatchFit, Run, locked_output_dir, log, setup, total_steps
+from .model import Policy, completion_hidden, encode_images, lm_head_weight, load_model
+from .rewards import RewardResult, RewardRunner
+from .run import MicroBatchFit, Run, distributed_run, log, setup, total_steps
 from .sft import train_sft
 
 STATS = ("loss", "kl", "clip_frac", "clip_low", "clip_high", "entropy")
 
 
 def train_grpo(cfg: Config, *, on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
-    """Run GRPO / GRPO-D as configured; returns the final metrics and eval results. Resumes
-    from the newest intact checkpoint in cfg.output_dir when there is one. The output folder is
-    locked for the run. `on_step(step, metrics)` is called after each step (tests use it to
-    interrupt a run)."""
-    with locked_output_dir(cfg):
-        return _train_grpo(cfg, on_step)
+    """Run GRPO / GRPO-D as configured, in one process or, under torchrun, sharded over all
+    (distributed.py); returns the final metrics and eval results. Resumes from the newest intact
+    checkpoint in cfg.output_dir when there is one. The output folder is locked for the run.
+    `on_step(step, metrics)` is called after each step (tests use it to interrupt a run)."""
+    with distributed_run(cfg) as (world, device):
+        return _train_grpo(cfg, world, device, on_step)
 
 
-def _train_grpo(cfg: Config, on_step) -> dict:
+def _train_grpo(cfg: Config, world: World, device: torch.device, on_step) -> dict:
     g = cfg.grpo
-    s = setup(cfg, per_step=g.prompts_per_step, per_step_key="grpo.prompts_per_step",
-              rewards=g.rewards)
-    policy, encoder, device = s.model, s.encoder, s.device
+    per_step = {"grpo.prompts_per_step": g.prompts_per_step}
+    if g.sft_warmup_steps > 0:
+        per_step["sft.batch_size"] = cfg.sft.batch_size
+    s = setup(cfg, world, device, per_step=per_step, rewards=g.rewards)
+    policy, encoder = s.policy, s.encoder
     total = total_steps(len(s.train_set), g.prompts_per_step, g.epochs, g.max_steps)
     mu, G = g.updates_per_batch, g.num_generations
     beta_at = kl_schedule(g.beta_schedule, total * mu)
     rewards = RewardRunner({k: float(v) for k, v in g.rewards.items()},
                            timeout_s=g.reward_timeout_s, log=log)
+    # Generation (the sampler, evaluation) runs on an unsharded copy under FSDP.
+    gen = Replica(s)
     results: dict = {}
     warmup_dir = s.run_dir / "sft_warmup"
-    resume_from = latest_checkpoint(s.run_dir, log)
+    resume_from = world.broadcast(latest_checkpoint(s.run_dir, log) if world.is_main else None)
     if resume_from is None and g.sft_warmup_steps > 0:
         train_sft(cfg, policy, encoder, s.train_set, steps=g.sft_warmup_steps,
-                  run_dir=warmup_dir)
-        results["after_sft"] = evaluate_tasks(cfg, policy, encoder)
-        print_results("after SFT warm-up", results["after_sft"])
+                  run_dir=warmup_dir, world=world)
+        results["after_sft"] = evaluate_tasks(cfg, gen.refresh(policy), encoder, world)
+        print_results("after SFT warm-up", results["after_sft"], world)
     order = DataOrder(len(s.train_set), g.prompts_per_step, cfg.seed)
     # After the warm-up: the optimizer's fp32 master weights (bf16 models) copy the policy.
-    with Run(cfg, g, s.run_dir, policy, encoder, order, total, updates_per_step=mu,
+    with Run(cfg, g, s.run_dir, policy, encoder, order, total, world, updates_per_step=mu,
              desc="grpo", resume_from=resume_from) as run, rewards:
         if run.start > 0:
             results = json.loads(run.state["results"])
         ref = None
         if any(beta_at(k) > 0 for k in range(total * mu + 1)):
-            ref_path = warmup_dir / "checkpoints" / "final" if g.sft_warmup_steps > 0 \
-                else s.model_path
-            problem = checkpoint_problem(ref_path) if g.sft_warmup_steps > 0 else None
-            if problem is not None:
-                raise UserError(f"the reference model, the SFT warm-up's result {ref_path}, "
-                                f"is damaged ({problem})",
-                                fix=f"delete {s.run_dir} (or use another --output-dir) to "
-                                    "redo the warm-up")
-            ref = load_model(str(ref_path), device=device, dtype=next(policy.parameters()).dtype,
-                             trainable=False)
-        sampler = make_sampler(cfg, policy, encoder, s.model_path)
+            ref = reference_model(cfg, s, warmup_dir)
+        sampler = make_sampler(cfg, gen.model, encoder, s.model_path, s.dtype)
         t_sync = time.perf_counter()
-        sync_weights(sampler, policy)  # the engine starts from disk; the policy may be newer
+        sync_weights(sampler, policy, world)  # the sampler starts from disk; the policy may be newer
         log(f"sampler: {type(sampler).__name__} (first weight sync "
-            f"{time.perf_counter() - t_sync:.2f} s)")
+            f"{time.perf_counter() - t_sync:.2f} s)", world)
         use_is = not isinstance(sampler, HFSampler) and cfg.vllm.importance_sampling != "none"
         params = SamplingParams(max_new_tokens=g.max_completion_length,
                                 temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                                 ignore_eos=g.ignore_eos)
-        fit = MicroBatchFit(g.micro_batch_size)
-        vocab = lm_head_weight(policy).shape[0]
+        # Under FSDP every rank must run the same passes: no out-of-memory retries there.
+        fit = MicroBatchFit(g.micro_batch_size, retry=not world.distributed)
+        vocab = lm_head_weight(policy.model).shape[0]
         metrics: dict = {}
 
         for step in run.steps():
             t0 = time.perf_counter()
-            # 1. Rollout: G completions for each of the step's P prompts.
+            # 1. Rollout: G completions for each of this rank's share of the step's P prompts.
             indices = run.order.next()
-            examples = [s.train_set[i] for i in indices]
+            mine = indices[world.my_share(len(indices))]
+            examples = [s.train_set[i] for i in mine]
             prompts = encoder.encode_examples(examples, device)
             rollout = sampler.generate(prompts, G, params,
-                                       seeds=[prompt_seed(cfg.seed, step, i) for i in indices])
+                                       seeds=[prompt_seed(cfg.seed, step, i) for i in mine])
             ids, mask = rollout.completion_ids, rollout.completion_mask
             lo, hi = torch.stack([ids.min(), ids.max()]).tolist()
             if lo < 0 or hi >= vocab:
@@ -118,18 +116,20 @@ def _train_grpo(cfg: Config, on_step) -> dict:
                                    "model's vocabulary match?")
             t_rollout = time.perf_counter()
 
-            # 2. Rewards and 3. group advantages.
+            # 2. Rewards and 3. group advantages (a prompt's G completions are on one rank).
             completions = encoder.decode(ids, mask)
             scored = rewards(completions, [e.reward_row() for e in examples for _ in range(G)])
             reward = torch.tensor(scored.total, dtype=torch.float32, device=device)
             advantages = group_advantages(reward, G)
+            # The loss is normalised over the global batch: P * G sequences, all ranks' tokens.
+            total_tokens = world.sum(mask.sum().clone())
             t_reward = time.perf_counter()
 
             # 4. Log-probs of the rollout under the policy at rollout time and the reference.
             features = None
             if cfg.model.freeze_vision:
                 with torch.no_grad():
-                    features = encode_images(policy, prompts)
+                    features = policy(encode_images, prompts)
             batch = StepBatch(prompts, rollout, features)
             trainer_logp = batch.logprobs(policy, fit, cfg.model.impl, g.temperature) \
                 if mu > 1 or use_is else None
@@ -149,20 +149,22 @@ def _train_grpo(cfg: Config, on_step) -> dict:
                 beta, lr = beta_at(opt_step), run.set_lr(opt_step)
                 for attempt in fit.attempts(len(ids), on_retry=run.zero_grad):
                     with attempt:
-                        sums = dict.fromkeys(STATS, 0.0)
+                        sums = {k: torch.zeros((), device=device) for k in STATS}
                         for rows in attempt.micro_batches:
-                            loss, stats = grpo_loss(
-                                batch.hidden(policy, rows), lm_head_weight(policy), ids[rows],
+                            loss, stats = policy(lambda m: grpo_loss(
+                                batch.hidden(m, rows), lm_head_weight(m), ids[rows],
                                 advantages[rows], mask=mask[rows], old_logp=at(old_logp, rows),
                                 ref_logp=at(ref_logp, rows),
                                 importance_weights=at(is_weights, rows), beta=beta,
                                 eps_low=g.eps_low, eps_high=g.eps_high,
                                 temperature=g.temperature, loss_type=g.loss_type,
                                 max_completion_length=g.max_completion_length,
-                                return_entropy=True, impl=cfg.model.impl, check_values=False)
-                            weight = micro_batch_weight(g.loss_type, mask[rows], mask)
+                                return_entropy=True, impl=cfg.model.impl, check_values=False))
+                            weight = micro_batch_weight(g.loss_type, mask[rows],
+                                                        total_sequences=g.prompts_per_step * G,
+                                                        total_tokens=total_tokens)
                             (loss * weight).backward()
-                            share = mask[rows].sum() / mask.sum().clamp(min=1.0)
+                            share = mask[rows].sum() / total_tokens.clamp(min=1.0)
                             sums["loss"] = sums["loss"] + loss.detach() * weight
                             for k in STATS[1:]:
                                 sums[k] = sums[k] + stats[k] * share
@@ -171,38 +173,81 @@ def _train_grpo(cfg: Config, on_step) -> dict:
 
             # 6. Weight sync: the sampler gets the updated policy.
             if (step + 1) % cfg.vllm.sync_every == 0 or step + 1 == total:
-                sync_weights(sampler, policy)
+                sync_weights(sampler, policy, world)
             t_end = time.perf_counter()
 
-            # 7. Metrics, evaluation, checkpoint.
-            names = list(scored.values)
+            # 7. Metrics over the global batch, evaluation, checkpoint.
+            everyone = RewardResult.merge(world.gather(scored))
+            names = list(everyone.values)
+            all_rewards = torch.tensor(everyone.total)
             seconds = t_end - t0
+            summed = world.sum(torch.stack([sums[k] for k in STATS]).reshape(-1).clone())
             metrics = {
-                "reward_mean": float(reward.mean()), "reward_std": float(reward.std()),
-                "acc_reward": scored.mean([n for n in names if "accuracy" in n]),
-                "format_reward": scored.mean([n for n in names if n == "format"]),
+                "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
+                "acc_reward": everyone.mean([n for n in names if "accuracy" in n]),
+                "format_reward": everyone.mean([n for n in names if n == "format"]),
                 "beta": beta, "lr": lr, "grad_norm": grad_norm,
-                **{k: float(v) for k, v in sums.items()},
-                "completion_length": float(mask.sum(1).mean()),
-                "tokens_per_s": rollout.num_tokens / seconds, "step_seconds": seconds,
+                **dict(zip(STATS, summed.tolist())),
+                "completion_length": float(total_tokens) / len(all_rewards),
+                "tokens_per_s": float(total_tokens) / seconds, "step_seconds": seconds,
                 "rollout_s": t_rollout - t0, "reward_s": t_reward - t_rollout,
                 "ref_s": t_ref - t_reward, "update_s": t_update - t_ref,
-                "sync_s": t_end - t_update, "reward_failures": sum(rewards.failures.values()),
-                **{f"reward/{n}": scored.mean([n]) for n in names}, **is_stats}
+                "sync_s": t_end - t_update,
+                "reward_failures": sum(world.gather(sum(rewards.failures.values()))),
+                **{f"reward/{n}": everyone.mean([n]) for n in names}}
+            all_is = world.gather(is_stats)  # importance-weight stats: the mean over ranks
+            metrics.update({k: sum(d[k] for d in all_is) / len(all_is) for k in is_stats})
             peak = device_peak_mb(device)
             if peak is not None:
-                metrics["peak_mem_mb"] = peak
+                metrics["peak_mem_mb"] = max(world.gather(peak))
             if cfg.log.eval_every and (step + 1) % cfg.log.eval_every == 0 and step + 1 < total:
-                results[f"step_{step + 1}"] = evaluate_tasks(cfg, policy, encoder)
+                results[f"step_{step + 1}"] = evaluate_tasks(cfg, gen.refresh(policy), encoder,
+                                                             world)
             run.end_step(step, metrics, results=json.dumps(results))
             if on_step is not None:
                 on_step(step + 1, metrics)
 
-    results["final"] = evaluate_tasks(cfg, policy, encoder)
+    results["final"] = evaluate_tasks(cfg, gen.refresh(policy), encoder, world)
     kind = g.beta_schedule["kind"]
-    print_results("after GRPO-D" if kind == "grpo_d" else "after GRPO", results["final"])
-    (s.run_dir / "eval.json").write_text(json.dumps(results, indent=2))
+    print_results("after GRPO-D" if kind == "grpo_d" else "after GRPO", results["final"], world)
+    if world.is_main:
+        (s.run_dir / "eval.json").write_text(json.dumps(results, indent=2))
     return {"metrics": metrics, "eval": results, "steps": total, "run_dir": str(s.run_dir)}
+
+
+def reference_model(cfg: Config, s, warmup_dir):
+    """The frozen reference: the policy at the start of GRPO (the SFT warm-up's result, or the
+    model it started from), behind a Policy wrapper; sharded (or offloaded) under torchrun."""
+    path = warmup_dir / "checkpoints" / "final" if cfg.grpo.sft_warmup_steps > 0 \
+        else s.model_path
+    problem = checkpoint_problem(path) if cfg.grpo.sft_warmup_steps > 0 else None
+    if problem is not None:
+        raise UserError(f"the reference model, the SFT warm-up's result {path}, is damaged "
+                        f"({problem})",
+                        fix=f"delete {s.run_dir} (or use another --output-dir) to redo the "
+                            "warm-up")
+    ref = Policy(load_model(str(path), device=s.device, dtype=s.dtype, trainable=False))
+    if s.world.distributed:
+        shard(ref, s.world, compute_dtype=s.dtype, master_dtype=s.dtype,
+              cpu_offload=cfg.dist.reference == "offload")
+    return ref
+
+
+class Replica:
+    """The model transformers' generate runs on (the HF sampler, evaluation): in one process
+    the policy's own model; under FSDP an unsharded copy on each rank, refreshed from the
+    sharded policy one gathered parameter at a time."""
+
+    def __init__(self, s):
+        self.world = s.world
+        self.model = s.model if not s.world.distributed else \
+            load_model(s.model_path, device=s.device, dtype=s.dtype, trainable=False)
+
+    def refresh(self, policy):
+        """The model, with the policy's current weights (a collective under FSDP)."""
+        if self.model is not policy.model:
+            copy_weights(self.model, full_tensors(policy.model.named_parameters(), self.world))
+        return self.model
 
 
 def prompt_seed(seed: int, step: int, example: int) -> int:
@@ -236,33 +281,36 @@ class StepBatch:
                                  r.completion_mask[rows])
 
     @torch.no_grad()
-    def logprobs(self, model, fit: MicroBatchFit, impl: str, temperature: float) -> torch.Tensor:
-        """fp32 per-token log-probs [B, C] of the rollout under `model`, 0 where masked."""
+    def logprobs(self, policy, fit: MicroBatchFit, impl: str, temperature: float
+                 ) -> torch.Tensor:
+        """fp32 per-token log-probs [B, C] of the rollout under `policy` (a Policy wrapper),
+        0 where masked."""
         r = self.rollout
         out = torch.zeros_like(r.logprobs)
         for attempt in fit.attempts(len(out)):
             with attempt:
                 for rows in attempt.micro_batches:
-                    logp = token_logprobs(self.hidden(model, rows), lm_head_weight(model),
-                                          r.completion_ids[rows], temperature=temperature,
-                                          impl=impl, check_values=False)
+                    logp = policy(lambda m: token_logprobs(
+                        self.hidden(m, rows), lm_head_weight(m), r.completion_ids[rows],
+                        temperature=temperature, impl=impl, check_values=False))
                     out[rows] = torch.where(r.completion_mask[rows] > 0, logp, 0.0)
         return out
 
 
-def make_sampler(cfg: Config, policy, encoder, model_path: str):
-    """The configured sampler: transformers' generate on the policy itself (hf) or a colocated
-    vLLM engine (vllm) started from `model_path` (synced with the policy before use)."""
+def make_sampler(cfg: Config, model, encoder, model_path: str, dtype: torch.dtype):
+    """The configured sampler: transformers' generate on `model` (hf: the policy itself, or its
+    replica under FSDP) or a colocated vLLM engine (vllm) started from `model_path` (synced
+    with the policy before use)."""
     kind = resolve_sampler(cfg.sampler)
     if kind == "hf":
-        return HFSampler(policy, encoder.stop_ids, encoder.tokenizer.pad_token_id,
+        return HFSampler(model, encoder.stop_ids, encoder.tokenizer.pad_token_id,
                          encoder.multimodal_ids)
     from ..rollout.vllm_sampler import VLLMSampler
 
     g, v = cfg.grpo, cfg.vllm
     return VLLMSampler(
         model_path, stop_ids=encoder.stop_ids, pad_id=encoder.tokenizer.pad_token_id,
-        suppress_ids=encoder.multimodal_ids, dtype=next(policy.parameters()).dtype,
+        suppress_ids=encoder.multimodal_ids, dtype=dtype,
         max_model_len=cfg.data.max_prompt_length + g.max_completion_length,
         max_num_seqs=v.max_num_seqs or g.prompts_per_step * g.num_generations, seed=cfg.seed,
         bucket_mb=v.sync_bucket_mb, drain_encoder_cache=v.drain_encoder_cache,
@@ -270,9 +318,18 @@ def make_sampler(cfg: Config, policy, encoder, model_path: str):
         cpu_kv_cache_gb=v.cpu_kv_cache_gb, enforce_eager=v.enforce_eager)
 
 
-def sync_weights(sampler, policy) -> None:
-    """Push the policy into the sampler: every parameter on the first sync (and after a
-    weight-dropping sleep), afterwards only the trainable ones (a frozen tower never changes)."""
+def sync_weights(sampler, policy, world: World) -> None:
+    """Push the policy (a Policy wrapper) into the sampler: every parameter on the first sync
+    (and after a weight-dropping sleep), afterwards only the trainable ones (a frozen tower
+    never changes). Sharded parameters are gathered one at a time (a collective)."""
     full = getattr(sampler, "needs_full_sync", True)
-    sampler.update_weights((n, p) for n, p in policy.named_parameters()
-                           if full or p.requires_grad)
+    sampler.update_weights(full_tensors(
+        ((n, p) for n, p in policy.model.named_parameters() if full or p.requires_grad), world))
+
+
+@torch.no_grad()
+def copy_weights(model, named) -> None:
+    """Copy (name, tensor) pairs into `model`'s parameters of those names."""
+    params = dict(model.named_parameters())
+    for name, tensor in named:
+        params[name].copy_(tensor)

@@ -186,14 +186,23 @@ def attention_implementation(device: torch.device) -> str:
 def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype,
                gradient_checkpointing: bool = False, freeze_vision: bool = False,
                trainable: bool = True):
-    """A Qwen2-VL / Qwen2.5-VL checkpoint by hub id or local path, on `device` in `dtype`.
-    `trainable=False` gives a frozen eval-mode copy (the reference model)."""
-    from transformers import AutoModelForImageTextToText
+    """A Qwen2-VL / Qwen2.5-VL checkpoint by hub id or local path (a Hugging Face checkpoint, or
+    one of mr1fast's step checkpoints), on `device` in `dtype`. `trainable=False` gives a
+    frozen eval-mode copy (the reference model)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from .checkpoint import is_step_checkpoint, load_weights
 
     check_model(name_or_path, key="model")
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            name_or_path, dtype=dtype, attn_implementation=attention_implementation(device))
+        if is_step_checkpoint(name_or_path):  # mr1fast's own: weights in DCP shards
+            model = AutoModelForImageTextToText.from_config(
+                AutoConfig.from_pretrained(name_or_path), dtype=dtype,
+                attn_implementation=attention_implementation(device))
+            load_weights(name_or_path, model)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(
+                name_or_path, dtype=dtype, attn_implementation=attention_implementation(device))
     except (OSError, ValueError) as e:
         raise UserError(f"model {name_or_path!r} cannot be loaded: {_first_line(e)}",
                         fix="check that the folder holds a complete Qwen2-VL / Qwen2.5-VL "
@@ -209,6 +218,22 @@ def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype,
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+class Policy(torch.nn.Module):
+    """The Hugging Face model behind one forward: `policy(fn, *args)` runs `fn(model, *args)`
+    inside this module's forward. Every trainer pass (image features, hidden states and the
+    loss, log-probs) goes through it, because under FSDP2 this wrapper is the root unit: its
+    forward gathers the root's parameters (embeddings, LM head, the vision tower's patch
+    embedding and merger) and its backward reduce-scatters their gradients. In one process it
+    is a plain call."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
 
 
 def vision_tower(model) -> torch.nn.Module:

@@ -178,6 +178,14 @@ class RewardResult:
     values: dict[str, list[float | None]]
     failures: dict[str, int]
 
+    @classmethod
+    def merge(cls, results: list["RewardResult"]) -> "RewardResult":
+        """One result of several (each rank's part of a batch), in order."""
+        names = list(results[0].values)
+        return cls([t for r in results for t in r.total],
+                   {n: [v for r in results for v in r.values[n]] for n in names},
+                   {n: sum(r.failures[n] for r in results) for n in names})
+
     def mean(self, names) -> float:
         """The mean of the present values of the rewards `names` (NaN when none is present)."""
         vals = [v for name in names for v in self.values[name] if v is not None]

@@ -21,6 +21,7 @@ run), the metrics log and progress bar, checkpoints every `log.save_every` steps
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from dataclasses import dataclass
@@ -32,14 +33,18 @@ import torch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, save_config
 from .data import DataOrder, Example, load_task
+from .distributed import World, init_world, local, shard, shutdown
+from .errors import UsageError
 from .metrics import MetricsLogger, Progress, plot_metrics
-from .model import PromptEncoder, load_encoder, load_model, model_dtype, resolve_model
-from .preflight import (RunLock, check_device, check_disk, check_model, check_rewards,
-                        checkpoint_bytes, claim_output_dir, rows_per_step)
+from .model import Policy, PromptEncoder, load_encoder, load_model, model_dtype, resolve_model
+from .preflight import (check_device, check_disk, check_model, check_rewards, checkpoint_bytes,
+                        claim_output_dir, rows_per_step)
 
 
-def log(msg: str) -> None:
-    print(f"[mr1fast] {msg}", file=sys.stderr, flush=True)
+def log(msg: str, world: Optional[World] = None) -> None:
+    """A progress line on stderr (rank 0 only, when a `world` is given)."""
+    if world is None or world.is_main:
+        print(f"[mr1fast] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -47,45 +52,82 @@ class Setup:
     run_dir: Path
     model_path: str            # the resolved checkpoint folder or hub id
     encoder: PromptEncoder
-    model: torch.nn.Module     # trainable, on `device`
+    policy: Policy             # the trainable model behind one forward; sharded under torchrun
     train_set: list[Example]
     device: torch.device
+    dtype: torch.dtype         # the compute dtype (the weights' dtype in one process)
+    world: World
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The Hugging Face model inside the Policy wrapper."""
+        return self.policy.model
 
 
-def locked_output_dir(cfg: Config) -> RunLock:
-    """The run's output folder, created, checked writable and locked (preflight.RunLock): a
-    training entry point holds it for the whole run."""
-    return claim_output_dir(Path(cfg.output_dir), " ".join(sys.argv) or "mr1fast", log)
+@contextlib.contextmanager
+def distributed_run(cfg: Config):
+    """The run's World (the process group under torchrun, torn down at the end) with its output
+    folder locked by rank 0 for the whole run (preflight.RunLock)."""
+    world, device = init_world(check_device(cfg.model.device), cfg.dist.timeout_s)
+    try:
+        lock = claim_output_dir(Path(cfg.output_dir), " ".join(sys.argv) or "mr1fast",
+                                lambda m: log(m)) if world.is_main else None
+        try:
+            yield world, device
+        finally:
+            if lock is not None:
+                lock.release()
+    finally:
+        shutdown(world)
 
 
-def setup(cfg: Config, *, per_step: int, per_step_key: str,
+def setup(cfg: Config, world: World, device: torch.device, *, per_step: dict,
           rewards: Optional[dict] = None) -> Setup:
-    """Check everything that can be checked cheaply, then load the model: the device, the model
-    name or preset, the training data (at least `per_step` usable rows), the reward functions
-    (`rewards`, GRPO), the evaluation sets, the free disk space for one checkpoint (estimated
-    from the model's config); config.yaml is written; then the model is loaded. The caller
-    holds the output folder (locked_output_dir)."""
+    """Check everything that can be checked cheaply, then load the model: the world size
+    against the batch sizes (`per_step`: config key -> examples per step), the model name or
+    preset, the training data (rows for a step), the reward functions (`rewards`, GRPO), the
+    evaluation sets, the free disk space for one checkpoint (estimated from the model's
+    config); config.yaml is written; then the model is loaded (and sharded under torchrun).
+    The caller holds the output folder (distributed_run)."""
     run_dir = Path(cfg.output_dir)
-    device = check_device(cfg.model.device)
-    model_path = resolve_model(cfg.model.name, cfg, log)
-    check_model(model_path)
-    encoder = load_encoder(model_path)
-    train_set = load_task(cfg.data.train, cfg, encoder, key="data.train",
-                          split=cfg.data.split, n=cfg.data.synthetic_size,
-                          limit=cfg.data.limit, max_prompt_length=cfg.data.max_prompt_length,
-                          strict=cfg.data.strict, warn=log)
-    rows_per_step(len(train_set), per_step, "data.train", per_step_key, cfg.data.train)
+    for key, n in per_step.items():
+        if n % world.size:
+            raise UsageError(f"config key {key}: {n} is not divisible by the {world.size} "
+                             "processes; each takes an equal share of a step",
+                             fix=f"use a multiple of {world.size}")
+    # Rank 0 first: it builds presets and synthetic data into the shared cache; the others
+    # then read them.
+    for builders in (True, False):
+        if world.is_main == builders:
+            model_path = resolve_model(cfg.model.name, cfg, lambda m: log(m, world))
+            check_model(model_path)
+            encoder = load_encoder(model_path)
+            train_set = load_task(cfg.data.train, cfg, encoder, key="data.train",
+                                  split=cfg.data.split, n=cfg.data.synthetic_size,
+                                  limit=cfg.data.limit,
+                                  max_prompt_length=cfg.data.max_prompt_length,
+                                  strict=cfg.data.strict,
+                                  warn=(lambda m: log(m)) if world.is_main else (lambda m: None))
+            check_eval_tasks(cfg, encoder)
+        world.barrier()
+    for key, n in per_step.items():
+        rows_per_step(len(train_set), n, "data.train", key, cfg.data.train)
     if rewards is not None:
         check_rewards(rewards, sorted(set().union(*(e.reward_row() for e in train_set))))
-    check_eval_tasks(cfg, encoder)
     dtype = model_dtype(cfg.model.dtype, device)
-    check_disk(run_dir, checkpoint_bytes(model_path, dtype, cfg.model.freeze_vision))
-    save_config(cfg, run_dir / "config.yaml")
+    if world.is_main:
+        check_disk(run_dir, checkpoint_bytes(model_path, dtype, cfg.model.freeze_vision))
+        save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.seed)
-    model = load_model(model_path, device=device, dtype=dtype,
+    # Under FSDP the sharded parameters are the fp32 masters; compute runs in `dtype`.
+    model = load_model(model_path, device=device,
+                       dtype=torch.float32 if world.distributed else dtype,
                        gradient_checkpointing=cfg.model.gradient_checkpointing,
                        freeze_vision=cfg.model.freeze_vision)
-    return Setup(run_dir, model_path, encoder, model, train_set, device)
+    policy = Policy(model)
+    if world.distributed:
+        shard(policy, world, compute_dtype=dtype, cpu_offload=cfg.dist.cpu_offload)
+    return Setup(run_dir, model_path, encoder, policy, train_set, device, dtype, world)
 
 
 def check_eval_tasks(cfg: Config, encoder) -> None:
@@ -112,32 +154,37 @@ class Run:
     """A training loop's plumbing (module doc). `section` is the loop's config section
     (cfg.grpo or cfg.sft: lr, lr_schedule, warmup_ratio, weight_decay, max_grad_norm);
     `total` loop steps of `updates_per_step` optimizer steps each (the LR schedule spans all
-    of them). `resume_from`: the checkpoint to resume from (checkpoint.latest_checkpoint: the
-    newest intact one), or None. `resumable=False` (the SFT warm-up inside a GRPO run) writes no
-    periodic checkpoints and logs to no TensorBoard / W&B."""
+    of them). `policy`: the Policy wrapper (sharded under torchrun). `resume_from`: the
+    checkpoint to resume from (checkpoint.latest_checkpoint: the newest intact one), or None.
+    `resumable=False` (the SFT warm-up inside a GRPO run) writes no periodic checkpoints and
+    logs to no TensorBoard / W&B. Rank 0 alone logs; every rank checkpoints its shards."""
 
-    def __init__(self, cfg: Config, section, run_dir: Path, model, encoder, order: DataOrder,
-                 total: int, *, updates_per_step: int = 1, desc: str, resumable: bool = True,
-                 resume_from: Optional[Path] = None):
-        self.cfg, self.section, self.run_dir = cfg, section, Path(run_dir)
-        self.model, self.encoder, self.order, self.total = model, encoder, order, total
+    def __init__(self, cfg: Config, section, run_dir: Path, policy, encoder, order: DataOrder,
+                 total: int, world: World, *, updates_per_step: int = 1, desc: str,
+                 resumable: bool = True, resume_from: Optional[Path] = None):
+        self.cfg, self.section, self.run_dir, self.world = cfg, section, Path(run_dir), world
+        self.policy, self.model = policy, policy.model
+        self.encoder, self.order, self.total = encoder, order, total
         self.optimizer_steps = total * updates_per_step
         self.resumable = resumable
-        self.optimizer = make_optimizer(model, section.lr, section.weight_decay)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.optimizer = make_optimizer(self.model, section.lr, section.weight_decay)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.start, self.state = 0, {}
         if resume_from is not None:
-            self.state = load_checkpoint(resume_from, model, self.optimizer)
+            self.state = load_checkpoint(resume_from, self.model, self.optimizer, world)
             self.start = self.state["step"]
             order.restore(**self.state["data"])
-            log(f"resumed from {resume_from} at step {self.start}")
+            log(f"resumed from {resume_from} at step {self.start}", world)
         self.skipped = self.consecutive_bad = 0
-        self.logger = MetricsLogger(self.run_dir, tensorboard=resumable and cfg.log.tensorboard,
-                                    wandb=resumable and cfg.log.wandb, resume=self.start > 0)
-        self.logger.truncate_after(self.start + 1)
+        self.logger = None
+        if world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.logger = MetricsLogger(self.run_dir, resume=self.start > 0,
+                                        tensorboard=resumable and cfg.log.tensorboard,
+                                        wandb=resumable and cfg.log.wandb)
+            self.logger.truncate_after(self.start + 1)
         self.progress = Progress(total, initial=self.start, desc=desc,
-                                 disable=None if cfg.log.progress else True)
+                                 disable=None if cfg.log.progress and world.is_main else True)
 
     def steps(self) -> range:
         return range(self.start, self.total)
@@ -154,14 +201,15 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
 
     def optimizer_step(self, loss: torch.Tensor) -> tuple[bool, float]:
-        """Clip the accumulated gradients, step unless the loss or the gradient norm is NaN/inf
-        (the one host sync of an update), zero the gradients. Returns (applied, grad_norm)."""
+        """Clip the accumulated gradients, step unless the loss (summed over ranks: each holds
+        its share) or the gradient norm is NaN/inf, zero the gradients: the one host sync of an
+        update, and the same decision on every rank. Returns (applied, grad_norm)."""
         max_norm = self.section.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(
+        norm = local(torch.nn.utils.clip_grad_norm_(
             [p for p in self.params if p.grad is not None],
-            max_norm if max_norm > 0 else float("inf"))
-        loss_value, norm_value = torch.stack([loss.detach().float().reshape(()).to(norm.device),
-                                              norm.float()]).tolist()
+            max_norm if max_norm > 0 else float("inf")))
+        total_loss = self.world.sum(loss.detach().float().reshape(1).to(norm.device).clone())
+        loss_value, norm_value = torch.cat([total_loss, norm.float().reshape(1)]).tolist()
         applied = math.isfinite(loss_value) and math.isfinite(norm_value)
         if applied:
             self.optimizer.step()
@@ -170,7 +218,7 @@ class Run:
             self.skipped += 1
             self.consecutive_bad += 1
             log(f"non-finite loss ({loss_value}) or gradient norm ({norm_value}); optimizer "
-                f"step skipped ({self.consecutive_bad} in a row)")
+                f"step skipped ({self.consecutive_bad} in a row)", self.world)
             if self.consecutive_bad >= self.cfg.grpo.max_bad_steps:
                 raise RuntimeError(
                     f"stopping: {self.consecutive_bad} consecutive steps had a NaN/inf loss or "
@@ -180,30 +228,31 @@ class Run:
         return applied, norm_value
 
     def end_step(self, step: int, metrics: dict, **state) -> None:
-        """Log step + 1's metrics, advance the progress bar, and write a checkpoint (with the
-        data position and `state`) when one is due."""
+        """Log step + 1's metrics (rank 0), advance the progress bar, and write a checkpoint
+        (with the data position and `state`) when one is due."""
         metrics["skipped_steps"] = self.skipped
-        self.logger.log(step + 1, metrics)
+        if self.logger is not None:
+            self.logger.log(step + 1, metrics)
         self.progress.update(metrics)
         due = (step + 1) % self.cfg.log.save_every == 0 or step + 1 == self.total
         if self.resumable and due:
             self.save(step + 1, **state)
 
-    def save(self, step: int, name: Optional[str] = None, **state) -> Path:
-        """An atomic checkpoint of the model, the optimizer (not in a named final one), the RNGs,
-        the data position and `state`."""
-        return save_checkpoint(self.run_dir, step, self.model, self.encoder,
-                               None if name else self.optimizer,
-                               {"step": step, "data": self.order.state(), **state},
-                               keep=self.cfg.log.keep_checkpoints, name=name)
+    def save(self, step: int, **state) -> None:
+        """An atomic checkpoint of the weights, the optimizer, the RNGs, the data position and
+        `state` (a collective)."""
+        save_checkpoint(self.run_dir, step, self.model, self.encoder, self.optimizer,
+                        {"step": step, "data": self.order.state(), **state}, self.world,
+                        keep=self.cfg.log.keep_checkpoints)
 
     def __enter__(self) -> "Run":
         return self
 
     def __exit__(self, *exc) -> None:
         self.progress.close()
-        self.logger.close()
-        plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "metrics.png")
+        if self.logger is not None:
+            self.logger.close()
+            plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "metrics.png")
 
 
 def make_optimizer(model, lr: float, weight_decay: float):
@@ -215,16 +264,29 @@ def make_optimizer(model, lr: float, weight_decay: float):
 
 
 class MasterWeightsAdamW:
-    """AdamW on fp32 master copies of bf16 parameters. Applied to bf16 weights directly, an
-    update of lr = 1e-6 (the paper's) rounds away: a weight of 0.02 has a bf16 spacing of
-    ~1.2e-4. Gradients are upcast into the masters, the step runs in fp32, and the result is
-    rounded back into the model's bf16 weights. The masters are part of the state_dict."""
+    """AdamW on fp32 master copies of bf16 parameters (one process; under FSDP the sharded
+    parameters themselves are the fp32 masters). Applied to bf16 weights directly, an update of
+    lr = 1e-6 (the paper's) rounds away: a weight of 0.02 has a bf16 spacing of ~1.2e-4.
+    Gradients are upcast into the masters, the step runs in fp32, and the result is rounded
+    back into the model's bf16 weights. The masters are part of the state_dict and of a
+    checkpoint's weights (checkpoint.training_state, via master_of)."""
 
     def __init__(self, params, lr: float, weight_decay: float):
         self.params = list(params)
         self.master = [p.detach().float().clone() for p in self.params]
+        self._master_of = {id(p): m for p, m in zip(self.params, self.master)}
         self.inner = torch.optim.AdamW(self.master, lr=lr, weight_decay=weight_decay)
         self.param_groups = self.inner.param_groups
+
+    def master_of(self, p: torch.Tensor) -> torch.Tensor:
+        """The fp32 master of a trainable parameter; a frozen one is its own."""
+        return self._master_of.get(id(p), p)
+
+    @torch.no_grad()
+    def load_masters(self) -> None:
+        """After the masters were loaded (a checkpoint): round them into the parameters."""
+        for p, m in zip(self.params, self.master):
+            p.copy_(m)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -271,7 +333,8 @@ def micro_batches(n: int, size: int) -> list[slice]:
 
 class MicroBatchFit:
     """Micro-batches of the configured size, or (size 0) the largest that fits: the whole
-    batch first, halved on each CUDA out-of-memory error; the size found is kept.
+    batch first, halved on each CUDA out-of-memory error; the size found is kept. retry=False
+    (several processes, which must run the same passes) lets the error through.
 
         for attempt in fit.attempts(n, on_retry=run.zero_grad):
             with attempt:                         # an out-of-memory error ends this attempt
@@ -279,8 +342,8 @@ class MicroBatchFit:
                     ...
     """
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, retry: bool = True):
+        self.size, self.retry = size, retry
 
     def attempts(self, n: int, on_retry=None):
         while True:
@@ -303,7 +366,8 @@ class _Attempt:
         if kind is None:
             self.done = True
             return False
-        if not issubclass(kind, torch.cuda.OutOfMemoryError) or self.size == 1:
+        if not issubclass(kind, torch.cuda.OutOfMemoryError) or self.size == 1 or \
+                not self.fit.retry:
             return False
         self.fit.size = self.size // 2
         log(f"out of memory with micro-batches of {self.size}; retrying with {self.fit.size}")

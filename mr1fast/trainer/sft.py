@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 
 from ..loss import token_logprobs
-from .checkpoint import latest_checkpoint
+from .checkpoint import latest_checkpoint, save_final
 from .config import Config
 from .data import DataOrder, Example, answer_text
+from .distributed import World
 from .evaluate import evaluate_tasks, print_results
-from .model import PromptEncoder, completion_hidden, encode_images, lm_head_weight
-from .run import MicroBatchFit, Run, locked_output_dir, log, setup, total_steps
+from .model import PromptEncoder, completion_hidden, encode_images, lm_head_weight, load_model
+from .run import MicroBatchFit, Run, distributed_run, log, setup, total_steps
 
 
 def sft_target(example: Example, thinking: str) -> str:
@@ -40,58 +41,69 @@ def encode_targets(encoder: PromptEncoder, texts: list[str], device) -> tuple[to
     return ids.to(device), mask.to(device)
 
 
-def train_sft(cfg: Config, model, encoder: PromptEncoder, train_set: list[Example], *,
-              steps: int, run_dir: Path, resumable: bool = False) -> dict:
-    """`steps` optimizer steps of SFT on `model` in place; metrics (and, when resumable,
-    checkpoints) go to run_dir, the final model to run_dir/checkpoints/final (a Hugging Face
-    checkpoint). Loss: the mean NLL of the batch's target tokens."""
-    device = next(model.parameters()).device
+def train_sft(cfg: Config, policy, encoder: PromptEncoder, train_set: list[Example], *,
+              steps: int, run_dir: Path, world: World = World(),
+              resumable: bool = False) -> dict:
+    """`steps` optimizer steps of SFT on `policy` (a Policy wrapper; sharded under torchrun) in
+    place; metrics (and, when resumable, checkpoints) go to run_dir, the final model to
+    run_dir/checkpoints/final (a Hugging Face checkpoint). Loss: the mean NLL of the global
+    batch's target tokens; each rank takes its share of every batch."""
+    device = next(policy.parameters()).device
     order = DataOrder(len(train_set), cfg.sft.batch_size, cfg.seed + 1)
-    fit = MicroBatchFit(cfg.sft.micro_batch_size)
+    fit = MicroBatchFit(cfg.sft.micro_batch_size, retry=not world.distributed)
     metrics: dict = {}
-    resume_from = latest_checkpoint(run_dir, log) if resumable else None
-    with Run(cfg, cfg.sft, run_dir, model, encoder, order, steps, desc="sft",
+    resume_from = world.broadcast(latest_checkpoint(run_dir, log) if resumable and world.is_main
+                                  else None)
+    with Run(cfg, cfg.sft, run_dir, policy, encoder, order, steps, world, desc="sft",
              resumable=resumable, resume_from=resume_from) as run:
         for step in run.steps():
             t0 = time.perf_counter()
             lr = run.set_lr(step)
-            examples = [train_set[i] for i in run.order.next()]
+            indices = run.order.next()
+            examples = [train_set[i] for i in indices[world.my_share(len(indices))]]
             prompts = encoder.encode_examples(examples, device)
             ids, mask = encode_targets(
                 encoder, [sft_target(e, cfg.sft.thinking) for e in examples], device)
+            total_tokens = world.sum(mask.sum().clone())
             for attempt in fit.attempts(len(examples), on_retry=run.zero_grad):
                 with attempt:
                     loss = torch.zeros((), device=device)
                     for rows in attempt.micro_batches:
-                        sub = prompts.select(torch.arange(len(examples))[rows])
-                        hidden = completion_hidden(model, sub, encode_images(model, sub),
-                                                   torch.arange(len(sub)), ids[rows], mask[rows])
-                        logp = token_logprobs(hidden, lm_head_weight(model), ids[rows],
-                                              impl=cfg.model.impl, check_values=False)
-                        micro = -torch.where(mask[rows] > 0, logp, 0.0).sum() / mask.sum()
+                        logp = policy(lambda m: token_logprobs(
+                            target_hidden(m, prompts, ids, mask, rows), lm_head_weight(m),
+                            ids[rows], impl=cfg.model.impl, check_values=False))
+                        micro = -torch.where(mask[rows] > 0, logp, 0.0).sum() / total_tokens
                         micro.backward()
                         loss = loss + micro.detach()
             _, grad_norm = run.optimizer_step(loss)
-            metrics = {"loss": float(loss), "lr": lr, "grad_norm": grad_norm,
-                       "step_seconds": time.perf_counter() - t0}
+            metrics = {"loss": float(world.sum(loss.reshape(1).clone())), "lr": lr,
+                       "grad_norm": grad_norm, "step_seconds": time.perf_counter() - t0}
             run.end_step(step, metrics)
-        run.save(steps, name="final")
+    save_final(run_dir, "final", policy.model, encoder, world)
     return metrics
 
 
+def target_hidden(model, prompts, ids, mask, rows: slice) -> torch.Tensor:
+    """Hidden states [b, C, d] that predict the target tokens of the examples `rows`."""
+    sub = prompts.select(torch.arange(len(prompts))[rows])
+    return completion_hidden(model, sub, encode_images(model, sub), torch.arange(len(sub)),
+                             ids[rows], mask[rows])
+
+
 def run_sft(cfg: Config) -> dict:
-    """`mr1fast sft`: the SFT baseline as configured, resumable, evaluated at the end. The
-    output folder is locked for the run."""
-    with locked_output_dir(cfg):
-        return _run_sft(cfg)
-
-
-def _run_sft(cfg: Config) -> dict:
-    s = setup(cfg, per_step=cfg.sft.batch_size, per_step_key="sft.batch_size")
-    steps = total_steps(len(s.train_set), cfg.sft.batch_size, cfg.sft.epochs, cfg.sft.max_steps)
-    metrics = train_sft(cfg, s.model, s.encoder, s.train_set, steps=steps, run_dir=s.run_dir,
-                        resumable=True)
-    results = {"final": evaluate_tasks(cfg, s.model, s.encoder)}
-    print_results("after SFT", results["final"])
-    (s.run_dir / "eval.json").write_text(json.dumps(results, indent=2))
-    return {"metrics": metrics, "eval": results, "steps": steps, "run_dir": str(s.run_dir)}
+    """`mr1fast sft`: the SFT baseline as configured, resumable, evaluated at the end; in one
+    process or sharded under torchrun. The output folder is locked for the run."""
+    with distributed_run(cfg) as (world, device):
+        s = setup(cfg, world, device, per_step={"sft.batch_size": cfg.sft.batch_size})
+        steps = total_steps(len(s.train_set), cfg.sft.batch_size, cfg.sft.epochs,
+                            cfg.sft.max_steps)
+        metrics = train_sft(cfg, s.policy, s.encoder, s.train_set, steps=steps,
+                            run_dir=s.run_dir, world=world, resumable=True)
+        final = s.model if not world.distributed else load_model(
+            str(s.run_dir / "checkpoints" / "final"), device=device, dtype=s.dtype,
+            trainable=False)
+        results = {"final": evaluate_tasks(cfg, final, s.encoder, world)}
+        print_results("after SFT", results["final"], world)
+        if world.is_main:
+            (s.run_dir / "eval.json").write_text(json.dumps(results, indent=2))
+        return {"metrics": metrics, "eval": results, "steps": steps, "run_dir": str(s.run_dir)}
