@@ -60,6 +60,7 @@ def read_step_checkpoint(ckpt, tmp_path):
     "optim": {name: {"exp_avg", "exp_avg_sq", "step"}}}."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / f"{ckpt.name}.pt"
     dcp_to_torch_save(ckpt / "weights", out)
     return torch.load(out, weights_only=True)

@@ -54,3 +54,9 @@ def huge(completions, **columns):
 def takes_no_columns(completions, solution):
     """A wrong signature: the runner passes every dataset column as a keyword."""
     return [1.0] * len(completions)
+
+
+def length_mod_3(completions, **columns):
+    """A reward that varies between a prompt's completions even for an untrained model, so
+    group advantages and gradients are not zero (distributed equivalence tests)."""
+    return [float(len(c) % 3) for c in completions]

@@ -3,6 +3,7 @@
   mr1fast train [--config FILE.yaml] [--output-dir DIR] [section.key=value ...]   GRPO / GRPO-D
   mr1fast sft   [--config FILE.yaml] [--output-dir DIR] [section.key=value ...]   SFT baseline
   mr1fast eval  [--config FILE.yaml] [--output-dir DIR] [section.key=value ...]   cross-task matrix
+  mr1fast export CHECKPOINT OUT [--dtype auto|bf16|fp32]     a Hugging Face checkpoint
   mr1fast init-model [--preset tiny|tiny-v152k|qwen2-vl-2b] OUT          random-weight Qwen2-VL
   mr1fast demo | bench [step|rollout]          toy loss demo | kernel suite (step, rollout)
 
@@ -15,6 +16,7 @@ traceback. A bug in mr1fast shows its traceback and exits with 70."""
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -105,7 +107,49 @@ def run_command(cmd: str, config: str | None, output_dir: str | None,
     else:
         from .evaluate import run_eval
         run_eval(cfg)
-    print(f"run directory: {cfg.output_dir}")
+    if _rank() == 0:
+        print(f"run directory: {cfg.output_dir}")
+    return 0
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def export(checkpoint: str, out: str, dtype: str) -> int:
+    """`mr1fast export CHECKPOINT OUT`: a step checkpoint (DCP shards, any world size) or any
+    checkpoint load_model reads, written as one Hugging Face safetensors checkpoint (with its
+    tokenizer and image processor) that transformers and vLLM load. Atomic."""
+    import shutil
+    import tempfile
+
+    from .model import load_encoder, load_model
+    from .preflight import check_model
+
+    check_model(checkpoint, key="CHECKPOINT")
+    table = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    if dtype == "auto":
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(checkpoint)
+        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        dtype = "bf16" if str(saved).endswith("bfloat16") else "fp32"
+    model = load_model(checkpoint, device=torch.device("cpu"), dtype=table[dtype],
+                       trainable=False)
+    encoder = load_encoder(checkpoint)
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        encoder.save(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(target)
     return 0
 
 
@@ -122,6 +166,12 @@ def main(argv=None) -> int:
         c.add_argument("--config", help="recipe YAML (configs/); default: the embedded default")
         c.add_argument("--output-dir", help="run directory (overrides output_dir)")
         c.add_argument("overrides", nargs="*", metavar="section.key=value")
+    x = sub.add_parser("export", help="write a checkpoint (a step checkpoint of any world "
+                       "size) as one Hugging Face safetensors checkpoint", parents=[common])
+    x.add_argument("checkpoint", help="e.g. runs/vc/checkpoints/step-000040")
+    x.add_argument("out")
+    x.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: the dtype the model was configured with")
     m = sub.add_parser("init-model", help="write a random-weight Qwen2-VL checkpoint (tiny "
                        "local model, or a benchmark preset)", parents=[common])
     m.add_argument("out")
@@ -174,6 +224,8 @@ def main(argv=None) -> int:
 def _dispatch(args) -> int:
     if args.cmd in ("train", "sft", "eval"):
         return run_command(args.cmd, args.config, args.output_dir, args.overrides)
+    if args.cmd == "export":
+        return export(args.checkpoint, args.out, args.dtype)
     if args.cmd == "init-model":
         from .model import init_tiny_model
         print(init_tiny_model(args.out, preset=args.preset, seed=args.seed))
@@ -185,7 +237,8 @@ def _report(cmd: str, error: UserError, debug: bool) -> int:
     """A user's mistake: its message (what, where, what to do), no traceback unless asked."""
     if debug:
         traceback.print_exc()
-    lines = [f"mr1fast {cmd}: error: {error}"]
+    rank = f"[rank {_rank()}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    lines = [f"{rank}mr1fast {cmd}: error: {error}"]
     if error.fix:
         lines.append(f"  what to do: {error.fix}")
     if not debug and not isinstance(error, UsageError):
