@@ -4,7 +4,8 @@
 # registry; liger-kernel and trl only if carried as wheels, see ../shared/ENV.md):
 #   1. the CUDA tests; 2. the kernel suite's GPU set (2B and 7B shapes, cuBLAS floor);
 #   3. the end-to-end step on a random-weight model with Qwen2-VL-2B's dimensions (bf16;
-#      beside TRL when trl is importable); 4. BENCHMARKS.md regenerated.
+#      beside TRL when trl is importable, and mr1fast@1: torchrun on the one GPU, the FSDP2 +
+#      NCCL path); 4. BENCHMARKS.md regenerated.
 # Results land in bench/results/<GPU name>/; with $OUT set (the device tool) they are copied
 # there too. Not yet run on a GPU: no session of this project has been lent one so far.
 set -euo pipefail
@@ -16,8 +17,8 @@ $PY -c "import torch; assert torch.cuda.is_available(), 'bench/gpu.sh needs a CU
 status=0
 $PY -m pytest tests -m cuda -q -rs --durations=10 || status=1
 $PY -m pytest bench --benchmark-only --save-results -q || status=1
-trainers=mr1fast
-if $PY -c "import trl" 2>/dev/null; then trainers=mr1fast,trl; fi
+trainers=mr1fast,mr1fast@1
+if $PY -c "import trl" 2>/dev/null; then trainers=mr1fast,mr1fast@1,trl; fi
 $PY bench/step.py --models qwen2-vl-2b --trainers "$trainers" --dtype bf16 --save-results \
     || status=1
 $PY bench/report.py

@@ -20,6 +20,7 @@ phases timed by wrapping its _generate, _calculate_rewards and _generate_and_sco
 
     python bench/step.py                             # both trainers, tiny and tiny-v152k
     python bench/step.py --models qwen2-vl-2b --trainers mr1fast --dtype bf16   # GPU
+    python bench/step.py --models tiny-v152k --trainers mr1fast,mr1fast@2       # 2 ranks
     mr1fast bench step [same options]
 
 Writes bench/results/<device>/step-<date>-<commit>.json with --save-results.
@@ -41,6 +42,8 @@ sys.path.insert(0, str(HERE))
 import results  # noqa: E402
 
 PHASES = ("rollout_s", "reward_s", "ref_s", "update_s", "step_s")
+# mr1fast@N: mr1fast under torchrun on N processes (FSDP2; NCCL on GPUs, gloo on the CPU), the
+# same global batch; mr1fast@1 is the FSDP path on one device.
 TRAINERS = ("mr1fast", "trl")
 # Issue 5's targets for the 151936-vocabulary model: mr1fast / TRL.
 TARGETS = {"tokens_per_s": 2.0, "peak_memory": 0.5}
@@ -206,8 +209,9 @@ def child(args) -> int:
 
     torch.manual_seed(args.seed)
     recorder = StepRecorder(args, Memory(args.device))
-    (run_mr1fast if args.child == "mr1fast" else run_trl)(args, recorder)
-    Path(args.out).write_text(json.dumps(recorder.result()))
+    (run_mr1fast if args.child.startswith("mr1fast") else run_trl)(args, recorder)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0's phases and memory
+        Path(args.out).write_text(json.dumps(recorder.result()))
     return 0
 
 
@@ -221,7 +225,7 @@ def summarize(raw: dict, tokens: int) -> dict:
 
 
 def trainer_available(name: str) -> bool:
-    if name == "mr1fast":
+    if name.startswith("mr1fast"):
         return True
     import importlib.util
 
@@ -231,7 +235,10 @@ def trainer_available(name: str) -> bool:
 def measure(trainer: str, model_path: str, args, work: Path) -> dict:
     """Runs one (trainer, model) in a child process; its summarized measurements."""
     out = work / f"{trainer}-{Path(model_path).name}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", trainer,
+    nproc = int(trainer.split("@")[1]) if "@" in trainer else 1
+    launcher = [sys.executable] if "@" not in trainer else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    cmd = [*launcher, str(Path(__file__).resolve()), "--child", trainer,
            "--model-path", model_path, "--out", str(out), "--work-dir",
            str(work / f"run-{trainer}-{Path(model_path).name}")]
     for k in ("prompts", "G", "tokens", "steps", "warmup", "seed", "rows", "device", "dtype",
@@ -262,7 +269,12 @@ def table(rows: dict, models: list[str], trainers: list[str]) -> list[str]:
             r = rows[(t, m)]
             lines.append(f"| {m} | {t} | " + " | ".join(format(r[k], f) for k, _, f in COLUMNS)
                          + " |")
-        if len(trainers) == 2:
+        for t in trainers:
+            if t.startswith("mr1fast@") and "mr1fast" in trainers:
+                a, b = rows[(t, m)], rows[("mr1fast", m)]
+                lines.append(f"| {m} | {t} / mr1fast | " + " | ".join(
+                    f"{a[k] / b[k]:.2f}x" if b[k] > 0 else "n/a" for k, _, _ in COLUMNS) + " |")
+        if "trl" in trainers and "mr1fast" in trainers:
             a, b = rows[("mr1fast", m)], rows[("trl", m)]
             ratio = {k: a[k] / b[k] if b[k] > 0 else float("nan") for k in a}
             lines.append(f"| {m} | mr1fast / TRL | " + " | ".join(
@@ -309,7 +321,7 @@ def parse(argv=None):
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--save-results", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="show the children's output")
-    ap.add_argument("--child", choices=TRAINERS, help=argparse.SUPPRESS)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--model-path", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--work-dir", help=argparse.SUPPRESS)
@@ -335,9 +347,11 @@ def main(argv=None) -> int:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     models = [m for m in args.models.split(",") if m]
     trainers = [t for t in args.trainers.split(",") if t]
-    bad = [t for t in trainers if t not in TRAINERS]
+    bad = [t for t in trainers if t not in TRAINERS and not (
+        t.startswith("mr1fast@") and t.split("@")[1].isdigit() and int(t.split("@")[1]) > 0)]
     if bad:
-        raise SystemExit(f"--trainers: unknown {bad}; expected some of {list(TRAINERS)}")
+        raise SystemExit(f"--trainers: unknown {bad}; expected some of {list(TRAINERS)} or "
+                         "mr1fast@N (N processes under torchrun)")
     missing = [t for t in trainers if not trainer_available(t)]
     if missing:
         print(f"skipping {missing}: not installed (pip install -e '.[dev]')", file=sys.stderr)

@@ -22,8 +22,7 @@ from mr1fast.trainer.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
-TORCHRUN = Path(sys.executable).parent / "torchrun"
-pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 KEYS = ("reward_mean", "reward_std", "loss", "kl", "entropy", "grad_norm", "clip_frac",
         "completion_length")
 
@@ -46,7 +45,7 @@ def launch(nproc: int, args: list, timeout: float = 600, extra_path: str = ""):
                OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "mr1fast", *args] if nproc == 1 else \
-        [str(TORCHRUN), "--nproc-per-node", str(nproc), "-m", "mr1fast", *args]
+        [*TORCHRUN, "--nproc-per-node", str(nproc), "-m", "mr1fast", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -67,7 +66,7 @@ def assert_same_run(one: Path, two: Path, steps: list, tmp_path: Path):
 def test_the_sharded_loss_equals_the_whole_models(cache_dir):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
-    done = subprocess.run([str(TORCHRUN), "--nproc-per-node", "2",
+    done = subprocess.run([*TORCHRUN, "--nproc-per-node", "2",
                            str(TESTS / "distributed_scripts" / "sharded_loss.py"),
                            str(cache_dir / "tiny-qwen2vl-seed0")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)

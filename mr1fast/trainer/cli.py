@@ -4,6 +4,7 @@
   mr1fast sft   [--config FILE.yaml] [--output-dir DIR] [section.key=value ...]   SFT baseline
   mr1fast eval  [--config FILE.yaml] [--output-dir DIR] [section.key=value ...]   cross-task matrix
   mr1fast export CHECKPOINT OUT [--dtype auto|bf16|fp32]     a Hugging Face checkpoint
+  mr1fast plan [--config FILE.yaml] [--nproc N] [--gpu-gb G]  memory and traffic per process
   mr1fast init-model [--preset tiny|tiny-v152k|qwen2-vl-2b] OUT          random-weight Qwen2-VL
   mr1fast demo | bench [step|rollout]          toy loss demo | kernel suite (step, rollout)
 
@@ -117,6 +118,22 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def plan(config: str | None, nproc: int | None, gpu_gb: float | None) -> int:
+    """`mr1fast plan`: plan.py's estimate for a recipe; exit 1 when it does not fit."""
+    from .config import embedded_default, load_config
+    from .errors import UsageError
+    from .plan import fits, format_plan, model_shape
+
+    cfg = load_config(config, base=None if config else embedded_default())
+    nproc = cfg.dist.gpus if nproc is None else nproc
+    gpu_gb = cfg.dist.gpu_gb if gpu_gb is None else gpu_gb
+    if nproc < 1 or gpu_gb <= 0:
+        raise UsageError("--nproc: expected >= 1 and --gpu-gb: expected > 0")
+    shape = model_shape(cfg.model.name)
+    print(format_plan(cfg, nproc, shape, gpu_gb))
+    return 0 if fits(cfg, nproc, shape, gpu_gb) else 1
+
+
 def export(checkpoint: str, out: str, dtype: str) -> int:
     """`mr1fast export CHECKPOINT OUT`: a step checkpoint (DCP shards, any world size) or any
     checkpoint load_model reads, written as one Hugging Face safetensors checkpoint (with its
@@ -166,6 +183,11 @@ def main(argv=None) -> int:
         c.add_argument("--config", help="recipe YAML (configs/); default: the embedded default")
         c.add_argument("--output-dir", help="run directory (overrides output_dir)")
         c.add_argument("overrides", nargs="*", metavar="section.key=value")
+    q = sub.add_parser("plan", help="memory per process and bytes exchanged per step of a "
+                       "recipe on N processes", parents=[common])
+    q.add_argument("--config", help="recipe YAML; default: the embedded default")
+    q.add_argument("--nproc", type=int, help="processes (GPUs); default: the recipe's dist.gpus")
+    q.add_argument("--gpu-gb", type=float, help="GPU memory; default: the recipe's dist.gpu_gb")
     x = sub.add_parser("export", help="write a checkpoint (a step checkpoint of any world "
                        "size) as one Hugging Face safetensors checkpoint", parents=[common])
     x.add_argument("checkpoint", help="e.g. runs/vc/checkpoints/step-000040")
@@ -226,6 +248,8 @@ def _dispatch(args) -> int:
         return run_command(args.cmd, args.config, args.output_dir, args.overrides)
     if args.cmd == "export":
         return export(args.checkpoint, args.out, args.dtype)
+    if args.cmd == "plan":
+        return plan(args.config, args.nproc, args.gpu_gb)
     if args.cmd == "init-model":
         from .model import init_tiny_model
         print(init_tiny_model(args.out, preset=args.preset, seed=args.seed))

@@ -136,6 +136,8 @@ class DistConfig:
     cpu_offload: bool = False         # FSDP2: sharded parameters, gradients and Adam state on CPU
     reference: str = "shard"          # the frozen reference model: shard (FSDP2) or offload
                                       # (sharded, parameters on CPU)
+    gpus: int = 1                     # the GPUs the recipe is sized for (`mr1fast plan`)
+    gpu_gb: float = 80.0              # ... and their memory
 
 
 @dataclass
@@ -172,7 +174,8 @@ POSITIVE = ("grpo.num_generations", "grpo.prompts_per_step", "grpo.updates_per_b
             "grpo.max_completion_length", "sft.batch_size", "eval.max_new_tokens",
             "eval.batch_size", "data.max_prompt_length", "log.save_every", "log.keep_checkpoints",
             "grpo.max_bad_steps", "grpo.temperature", "vllm.sync_every", "vllm.sync_bucket_mb",
-            "vllm.cpu_kv_cache_gb", "vllm.is_cap", "grpo.reward_timeout_s", "dist.timeout_s")
+            "vllm.cpu_kv_cache_gb", "vllm.is_cap", "grpo.reward_timeout_s", "dist.timeout_s",
+            "dist.gpus", "dist.gpu_gb")
 NON_NEGATIVE = ("grpo.lr", "sft.lr", "grpo.epochs",
                 "sft.epochs", "grpo.max_steps", "sft.max_steps", "grpo.micro_batch_size",
                 "sft.micro_batch_size", "data.limit", "eval.limit", "grpo.sft_warmup_steps",

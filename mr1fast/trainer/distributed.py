@@ -16,6 +16,8 @@ trainer needs. `mr1fast train` without torchrun is one process and none of this 
   kept sharded in fp32 (the master weights); compute runs in the model dtype (bf16 on GPUs) by
   FSDP's mixed-precision policy, with fp32 gradient reduction. Gradients are summed across
   ranks, not averaged: each rank's loss is already weighted by its share of the global batch.
+- `mr1fast train` without torchrun is one plain process; `torchrun --nproc-per-node 1` runs
+  the same process-group and FSDP path as N processes, on one GPU.
 - Rank 0 alone writes logs, metrics, plots, eval results, the progress bar and the small files
   of a checkpoint; every rank writes its checkpoint shards.
 """
@@ -40,7 +42,8 @@ class World:
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        """Launched by torchrun (a process group, FSDP), even as a single process."""
+        return self.mesh is not None
 
     @property
     def is_main(self) -> bool:
@@ -84,12 +87,13 @@ class World:
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
 
 
 def init_world(device: torch.device, timeout_s: float) -> tuple[World, torch.device]:
-    """The process group when launched by torchrun with more than one process (NCCL on CUDA,
-    gloo on the CPU), and this rank's device; a single-process World otherwise."""
+    """The process group when launched by torchrun (NCCL on CUDA, gloo on the CPU; also for
+    one process: `torchrun --nproc-per-node 1` runs the FSDP path on one GPU), and this rank's
+    device; a single-process World (no process group, no FSDP) otherwise."""
     if not launched_by_torchrun():
         return World(), device
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -68,7 +68,16 @@ PRESETS = {
                         num_key_value_heads=2, vision_depth=32, vision_embed_dim=1280,
                         vision_heads=16, vision_mlp_ratio=4, min_pixels=56 * 56,
                         max_pixels=448 * 448, dtype="bfloat16"),
+    # Qwen2-VL-7B-Instruct's dimensions (~8.3 B parameters, untied LM head), random weights.
+    "qwen2-vl-7b": dict(vocab_size=1024, model_vocab=152064, hidden_size=3584,
+                        intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                        num_key_value_heads=4, vision_depth=32, vision_embed_dim=1280,
+                        vision_heads=16, vision_mlp_ratio=4, min_pixels=56 * 56,
+                        max_pixels=448 * 448, dtype="bfloat16", tied=False),
 }
+# The paper's models by hub id -> the preset with their dimensions (planning without the hub).
+HUB_DIMENSIONS = {"Qwen/Qwen2-VL-2B-Instruct": "qwen2-vl-2b",
+                  "Qwen/Qwen2-VL-7B-Instruct": "qwen2-vl-7b"}
 
 
 def resolve_model(name: str, cfg, log: Callable[[str], None] = print) -> str:
@@ -151,7 +160,7 @@ def preset_config(preset: str, ids: dict, tokenizer_vocab: int):
             rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                                  mrope_section=[quarter, quarter * 3 // 2,
                                                 head_dim // 2 - quarter - quarter * 3 // 2]),
-            tie_word_embeddings=True, bos_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=p.get("tied", True), bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
         vision_config=dict(depth=p["vision_depth"], embed_dim=p["vision_embed_dim"],
                            hidden_size=p["hidden_size"], num_heads=p["vision_heads"],
@@ -159,7 +168,7 @@ def preset_config(preset: str, ids: dict, tokenizer_vocab: int):
                            temporal_patch_size=2, in_channels=3),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
+        tie_word_embeddings=p.get("tied", True))
 
 
 def _save_image_processor(image_processor, out_dir: Path) -> None:

@@ -118,6 +118,8 @@ def setup(cfg: Config, world: World, device: torch.device, *, per_step: dict,
     if world.is_main:
         check_disk(run_dir, checkpoint_bytes(model_path, dtype, cfg.model.freeze_vision))
         save_config(cfg, run_dir / "config.yaml")
+        if device.type == "cuda":
+            log(plan_line(cfg, model_path, world.size, device))
     torch.manual_seed(cfg.seed)
     # Under FSDP the sharded parameters are the fp32 masters; compute runs in `dtype`.
     model = load_model(model_path, device=device,
@@ -128,6 +130,16 @@ def setup(cfg: Config, world: World, device: torch.device, *, per_step: dict,
     if world.distributed:
         shard(policy, world, compute_dtype=dtype, cpu_offload=cfg.dist.cpu_offload)
     return Setup(run_dir, model_path, encoder, policy, train_set, device, dtype, world)
+
+
+def plan_line(cfg: Config, model_path: str, nproc: int, device: torch.device) -> str:
+    """One line of the memory plan (plan.py) against this GPU's memory."""
+    from .plan import GB, memory_plan, model_shape
+
+    gpu_gb = torch.cuda.get_device_properties(device).total_memory / GB
+    total = sum(b for _, b in memory_plan(cfg, nproc, model_shape(model_path), gpu_gb))
+    return (f"memory plan: about {total / GB:.1f} GB per process of this GPU's {gpu_gb:.0f} GB "
+            "(an estimate: `mr1fast plan` shows the parts)")
 
 
 def check_eval_tasks(cfg: Config, encoder) -> None:
