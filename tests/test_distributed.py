@@ -76,9 +76,12 @@ def test_the_sharded_loss_equals_the_whole_models(cache_dir):
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_two_ranks_train_what_one_process_trains(tmp_path, cache_dir, loss_type):
-    """mu = 2 and micro-batches of 1 (gradient accumulation): one step at 1 and 2 ranks."""
+    """mu = 2 and micro-batches of 1 (gradient accumulation): one step at 1 and 2 ranks
+    (dr_grpo also with gradient checkpointing composing with FSDP2)."""
     extra = [f"grpo.loss_type={loss_type}", "grpo.updates_per_batch=2",
              "grpo.micro_batch_size=1"]
+    if loss_type == "dr_grpo":
+        extra.append("model.gradient_checkpointing=true")
     for n in (1, 2):
         done = launch(n, train_args(tmp_path / f"r{n}", cache_dir, *extra))
         assert done.returncode == 0, done.stderr[-4000:]
@@ -105,6 +108,31 @@ def test_torchrun_runs_the_embedded_default_like_one_process(tmp_path, cache_dir
     a = load_file(tmp_path / "hf1" / "model.safetensors")
     b = load_file(tmp_path / "hf2" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_torchrun_sft_trains_what_one_process_trains(tmp_path, cache_dir):
+    """`torchrun -m mr1fast sft` at 2 ranks: the same losses and final weights as one process."""
+    for n in (1, 2):
+        done = launch(n, ["sft", "--output-dir", str(tmp_path / f"r{n}"),
+                          f"cache_dir={cache_dir}", "seed=0", "log.progress=false",
+                          "sft.max_steps=3", "sft.batch_size=4", "sft.micro_batch_size=1",
+                          "sft.lr=3e-3", "data.synthetic_size=16", "eval.limit=2",
+                          "eval.synthetic_size=2", "eval.max_new_tokens=4",
+                          "log.save_every=3", "dist.timeout_s=120"])
+        assert done.returncode == 0, done.stderr[-4000:]
+    a = read_metrics(tmp_path / "r1" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "r2" / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "grad_norm"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), key
+    import mr1fast.rollout  # noqa: F401
+    from safetensors.torch import load_file
+
+    wa = load_file(tmp_path / "r1" / "checkpoints" / "final" / "model.safetensors")
+    wb = load_file(tmp_path / "r2" / "checkpoints" / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-4) for k in wa)
 
 
 def stop_after(tmp_path, step: int) -> str:

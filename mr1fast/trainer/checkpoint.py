@@ -131,8 +131,14 @@ def save_final(run_dir: Path, name: str, model, encoder, world: World) -> Option
     sharded), written atomically with a manifest. A collective."""
     from .distributed import full_tensors
 
-    full = {n: t.cpu() for n, t in full_tensors(model.state_dict().items(), world)} \
-        if world.distributed else None
+    full = None
+    if world.distributed:  # gathered one tensor at a time; a tied LM head once, as HF saves it
+        seen, entries = set(), []
+        for key, t in model.state_dict(keep_vars=True).items():
+            if id(t) not in seen:
+                seen.add(id(t))
+                entries.append((key, t))
+        full = {k: t.cpu() for k, t in full_tensors(entries, world)}
     if not world.is_main:
         world.barrier()
         return None

@@ -25,11 +25,16 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+# Policy.forward returns views (log-probs reshaped to the targets' shape); FSDP2 warns that an
+# in-place op on one would skip its hooks. The trainer never modifies them in place.
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 
 @dataclass

@@ -90,6 +90,11 @@ def setup(cfg: Config, world: World, device: torch.device, *, per_step: dict,
     config); config.yaml is written; then the model is loaded (and sharded under torchrun).
     The caller holds the output folder (distributed_run)."""
     run_dir = Path(cfg.output_dir)
+    if world.distributed and device.type == "cpu" and (
+            cfg.dist.cpu_offload or cfg.dist.reference == "offload"):
+        raise UsageError("config keys dist.cpu_offload / dist.reference=offload: offloading "
+                         "moves GPU memory to the CPU; these processes run on the CPU already",
+                         fix="dist.cpu_offload=false dist.reference=shard")
     for key, n in per_step.items():
         if n % world.size:
             raise UsageError(f"config key {key}: {n} is not divisible by the {world.size} "
