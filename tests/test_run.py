@@ -6,7 +6,7 @@ from mr1fast.trainer.data import DataOrder
 from mr1fast.trainer.run import MasterWeightsAdamW, lr_at, make_optimizer
 
 
-def test_bf16_weights_train_through_fp32_masters():
+def test_bf16_weights_train_through_fp32_masters(tmp_path):
     """lr=1e-6 on bf16 weights: plain AdamW loses every update, the masters keep them."""
     torch.manual_seed(0)
     plain = torch.nn.Linear(8, 8).bfloat16()
@@ -27,18 +27,23 @@ def test_bf16_weights_train_through_fp32_masters():
     moved = (opt_mixed.master[0] - start.float()).abs().mean()
     assert moved == pytest.approx(200 * 1e-6, rel=0.2)  # Adam moves ~lr per step
 
-    state = opt_mixed.state_dict()
-    again = make_optimizer(mixed, lr=1e-6, weight_decay=0.0)
-    again.load_state_dict(torch.load(_roundtrip(state), weights_only=True))
+    # A checkpoint stores the fp32 masters and AdamW's state; loading restores both and rounds
+    # the masters into the bf16 weights.
+    import torch.distributed.checkpoint as dcp
+
+    from mr1fast.trainer.checkpoint import training_state
+    saved = training_state(mixed, opt_mixed)
+    assert saved["model"]["weight"].dtype == torch.float32
+    assert torch.equal(saved["model"]["weight"], opt_mixed.master[0])
+    dcp.save(saved, checkpoint_id=str(tmp_path / "w"), no_dist=True)
+    fresh = torch.nn.Linear(8, 8).bfloat16()
+    again = make_optimizer(fresh, lr=1e-6, weight_decay=0.0)
+    dcp.load(training_state(fresh, again), checkpoint_id=str(tmp_path / "w"), no_dist=True)
+    again.load_masters()
     assert torch.equal(again.master[0], opt_mixed.master[0])
-
-
-def _roundtrip(state):
-    import io
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return buf
+    assert torch.equal(fresh.weight, mixed.weight)
+    exp_avg = again.inner.state[again.master[0]]["exp_avg"]
+    assert torch.equal(exp_avg, opt_mixed.inner.state[opt_mixed.master[0]]["exp_avg"])
 
 
 def test_fp32_models_get_plain_adamw():

@@ -64,11 +64,6 @@ class World:
             dist.all_reduce(x, op=dist.ReduceOp.SUM)
         return x
 
-    def max(self, x: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            dist.all_reduce(x, op=dist.ReduceOp.MAX)
-        return x
-
     def gather(self, obj) -> list:
         """Every rank's `obj` (a small picklable value), in rank order, on every rank."""
         if not self.distributed:

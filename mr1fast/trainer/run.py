@@ -285,8 +285,8 @@ class MasterWeightsAdamW:
     parameters themselves are the fp32 masters). Applied to bf16 weights directly, an update of
     lr = 1e-6 (the paper's) rounds away: a weight of 0.02 has a bf16 spacing of ~1.2e-4.
     Gradients are upcast into the masters, the step runs in fp32, and the result is rounded
-    back into the model's bf16 weights. The masters are part of the state_dict and of a
-    checkpoint's weights (checkpoint.training_state, via master_of)."""
+    back into the model's bf16 weights. The masters are what a checkpoint stores as the
+    weights (checkpoint.training_state, via master_of; load_masters after loading)."""
 
     def __init__(self, params, lr: float, weight_decay: float):
         self.params = list(params)
@@ -317,15 +317,6 @@ class MasterWeightsAdamW:
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
             p.grad = None
-
-    def state_dict(self) -> dict:
-        return {"adamw": self.inner.state_dict(), "master": list(self.master)}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state["adamw"])
-        for m, saved in zip(self.master, state["master"]):
-            m.copy_(saved)
 
 
 def lr_at(step: int, total: int, lr: float, schedule: str, warmup_ratio: float) -> float:
