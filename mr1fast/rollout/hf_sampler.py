@@ -131,8 +131,7 @@ class HFSampler:
         try:
             out = self.model.generate(
                 input_ids=rows.input_ids, attention_mask=rows.attention_mask,
-                pixel_values=rows.pixel_values, image_grid_thw=rows.image_grid_thw,
-                mm_token_type_ids=(rows.input_ids == rows.image_token_id).int(),
+                **rows.vision_inputs(), mm_token_type_ids=(rows.input_ids == rows.image_token_id).int(),
                 generation_config=config, logits_processor=LogitsProcessorList(processors))
         finally:
             self.model.train(was_training)

@@ -20,31 +20,65 @@ import torch
 
 @dataclass
 class PromptBatch:
-    """P left-padded prompts with one image each. input_ids/attention_mask [P, Lp];
-    pixel_values [patches, C*t*14*14]; image_grid_thw [P, 3]; images: the P source images
-    (a sampler that runs its own image processing, vLLM, takes these). Built by the trainer's
-    PromptEncoder."""
+    """P left-padded prompts, each with any number of images (image_counts; None: one each).
+    input_ids/attention_mask [P, Lp]; pixel_values [patches, C*t*14*14] of all images in prompt
+    order; image_grid_thw [N_images, 3]; images: each prompt's source images (a sampler that
+    runs its own image processing, vLLM, takes these; a prompt's entry is one image or a list).
+    Built by the trainer's PromptEncoder."""
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    pixel_values: torch.Tensor
-    image_grid_thw: torch.Tensor
+    pixel_values: Optional[torch.Tensor]
+    image_grid_thw: Optional[torch.Tensor]
     image_token_id: int
     pad_token_id: int
     images: Optional[list] = None
+    image_counts: Optional[list] = None
+
+    def __post_init__(self):
+        if self.image_counts is None:
+            self.image_counts = [1] * self.input_ids.shape[0]
+        self._starts = [0, *itertools.accumulate(self.image_counts)]
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def num_images(self) -> int:
+        return self._starts[-1]
+
+    def image_slice(self, p: int) -> slice:
+        """The images of prompt p, as a slice of image_grid_thw's rows (and of the images'
+        features from encode_images)."""
+        return slice(self._starts[p], self._starts[p + 1])
+
+    def image_rows(self, prompts: Sequence[int]) -> list:
+        """The image indices of `prompts`, in order."""
+        return [i for p in prompts for i in range(self._starts[p], self._starts[p + 1])]
+
     def select(self, index: torch.Tensor) -> "PromptBatch":
-        """The prompts at `index` (with their image patches), in that order."""
-        sizes = self.image_grid_thw.prod(-1).tolist()
-        starts = [0, *itertools.accumulate(sizes)]
+        """The prompts at `index` (with their images' patches), in that order."""
         rows = index.tolist()
-        patches = torch.cat([torch.arange(starts[i], starts[i] + sizes[i]) for i in rows])
-        return PromptBatch(self.input_ids[index], self.attention_mask[index],
-                           self.pixel_values[patches.to(self.pixel_values.device)],
-                           self.image_grid_thw[index], self.image_token_id, self.pad_token_id,
-                           None if self.images is None else [self.images[i] for i in rows])
+        images = self.image_rows(rows)
+        pixels, grid = self.pixel_values, self.image_grid_thw
+        if images:
+            sizes = self.image_grid_thw.prod(-1).tolist()
+            starts = [0, *itertools.accumulate(sizes)]
+            patches = torch.cat([torch.arange(starts[i], starts[i] + sizes[i]) for i in images])
+            pixels = self.pixel_values[patches.to(self.pixel_values.device)]
+            grid = self.image_grid_thw[torch.tensor(images, device=grid.device)]
+        elif grid is not None:
+            pixels, grid = pixels[:0], grid[:0]
+        return PromptBatch(self.input_ids[index], self.attention_mask[index], pixels, grid,
+                           self.image_token_id, self.pad_token_id,
+                           None if self.images is None else [self.images[i] for i in rows],
+                           [self.image_counts[i] for i in rows])
+
+    def vision_inputs(self) -> dict:
+        """pixel_values and image_grid_thw for a transformers call, or nothing when the batch
+        has no image."""
+        if self.num_images == 0:
+            return {}
+        return {"pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw}
 
 
 @dataclass

@@ -107,7 +107,8 @@ class VLLMSampler:
                  max_model_len: int = 1024, max_num_seqs: int = 64, seed: int = 0,
                  bucket_mb: float = 512.0, drain_encoder_cache: bool = True,
                  sleep_level: int = 0, gpu_memory_utilization: float = 0.3,
-                 cpu_kv_cache_gb: int = 1, enforce_eager: bool = False):
+                 cpu_kv_cache_gb: int = 1, enforce_eager: bool = False,
+                 max_images_per_prompt: int = 1):
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dtype: expected torch.float32 or torch.bfloat16, got {dtype}")
         if bucket_mb <= 0:
@@ -128,18 +129,21 @@ class VLLMSampler:
         self._synced_once = False
         self.last_sync_s = 0.0
         self.sync_count = 0
+        self.max_images = max_images_per_prompt
         key = (str(model_path), str(dtype), max_model_len, max_num_seqs, sleep_level,
-               gpu_memory_utilization if cuda else cpu_kv_cache_gb, enforce_eager or not cuda)
+               gpu_memory_utilization if cuda else cpu_kv_cache_gb, enforce_eager or not cuda,
+               max_images_per_prompt)
         self.llm = _ENGINES.get(key)
         if self.llm is None:
             self.llm = _ENGINES[key] = self._start(
                 model_path, dtype, max_model_len, max_num_seqs, seed, sleep_level,
-                gpu_memory_utilization, cpu_kv_cache_gb, enforce_eager or not cuda)
+                gpu_memory_utilization, cpu_kv_cache_gb, enforce_eager or not cuda,
+                max_images_per_prompt)
         self._bad_words = self._banned_words()
 
     @staticmethod
     def _start(model_path, dtype, max_model_len, max_num_seqs, seed, sleep_level,
-               gpu_memory_utilization, cpu_kv_cache_gb, enforce_eager):
+               gpu_memory_utilization, cpu_kv_cache_gb, enforce_eager, max_images):
         from .compat import vllm_plugin
 
         vllm_plugin()
@@ -169,7 +173,7 @@ class VLLMSampler:
             llm = LLM(model=str(model_path),
                       dtype="float32" if dtype == torch.float32 else "bfloat16",
                       max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                      limit_mm_per_prompt={"image": 1, "video": 0},
+                      limit_mm_per_prompt={"image": max_images, "video": 0},
                       enforce_eager=enforce_eager, seed=seed,
                       worker_extension_cls="mr1fast.rollout.vllm_sampler.WeightSyncExtension",
                       logprobs_mode="processed_logprobs",
@@ -227,20 +231,29 @@ class VLLMSampler:
             bad_words=self._bad_words, logprobs=0, detokenize=False,
             repetition_penalty=1.0, **extra)
 
-    @staticmethod
-    def _requests(prompts: PromptBatch, completions: Optional[list] = None) -> list:
+    def _requests(self, prompts: PromptBatch, completions: Optional[list] = None) -> list:
         if prompts.images is None or len(prompts.images) != len(prompts):
             raise ValueError("prompts.images: VLLMSampler needs the source image of each "
                              "prompt; build prompts with PromptEncoder.encode / encode_examples")
+        most = max(prompts.image_counts, default=0)
+        if most > self.max_images:
+            raise ValueError(f"a prompt has {most} images; this engine was started with "
+                             f"max_images_per_prompt={self.max_images}")
         # vLLM expands each image placeholder itself: hand it the prompt with one placeholder
         # token per image (PromptEncoder's ids carry the expanded run).
         rows = [_collapse(row[m.bool()].tolist(), prompts.image_token_id) for row, m in
                 zip(prompts.input_ids.cpu(), prompts.attention_mask.cpu())]
+        def request(p, ids):
+            images = prompts.images[p]
+            images = list(images) if isinstance(images, (list, tuple)) else [images]
+            if not images:  # a text-only prompt
+                return {"prompt_token_ids": ids}
+            return {"prompt_token_ids": ids,
+                    "multi_modal_data": {"image": images[0] if len(images) == 1 else images}}
+
         if completions is None:
-            return [{"prompt_token_ids": ids, "multi_modal_data": {"image": image}}
-                    for ids, image in zip(rows, prompts.images)]
-        return [{"prompt_token_ids": rows[p] + c, "multi_modal_data": {"image": prompts.images[p]}}
-                for p, c in completions]
+            return [request(p, ids) for p, ids in enumerate(rows)]
+        return [request(p, rows[p] + c) for p, c in completions]
 
     @torch.no_grad()
     def generate(self, prompts: PromptBatch, n: int, params: SamplingParams,

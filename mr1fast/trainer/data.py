@@ -1,6 +1,7 @@
 """Datasets in R1-V's schema, and small synthetic stand-ins for its counting and geometry tasks.
 
-A row holds `image` (a picture), `problem` (str, the question without the prompt suffix) and
+A row holds `image` (a picture) or `images` (a list of pictures, possibly empty: several images
+per prompt, or a text-only prompt), `problem` (str, the question without the prompt suffix) and
 `solution` (str, the answer in tags: "<answer> 3 </answer>" for counting, "<answer>70°</answer>"
 for geometry). Any other columns are kept in `Example.row`.
 
@@ -51,11 +52,16 @@ def answer_text(solution: str) -> str:
 
 @dataclass
 class Example:
-    image: Image.Image  # decoded, RGB
+    images: list  # decoded, RGB PIL images, in prompt order (possibly none)
     problem: str  # stripped, without PROMPT_SUFFIX
     solution: str  # stripped
     row: dict  # every other column of the source row, as plain Python values
     index: int  # position of the row in the source (0-based, bad rows included)
+
+    @property
+    def image(self):
+        """The first image (None for a text-only row)."""
+        return self.images[0] if self.images else None
 
     def reward_row(self) -> dict:
         """The columns a reward function sees: solution, problem and the extra columns."""
@@ -114,7 +120,7 @@ def load_examples(source: str | Path, *, split: str = "train", limit: int | None
     if not result.examples:
         raise ValueError(f"source {name}: no valid examples (skipped rows by reason: "
                          f"{result.skipped or 'none, the source is empty'}); a row needs R1-V's "
-                         "columns image, problem and solution")
+                         "columns image (or images), problem and solution")
     return result
 
 
@@ -190,6 +196,10 @@ def _dataset_rows(dataset) -> Iterator[dict]:
     import datasets
     if isinstance(dataset.features.get("image"), datasets.Image):
         dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    listed = dataset.features.get("images")
+    inner = getattr(listed, "feature", None)
+    if isinstance(inner, datasets.Image):  # a list of images (List / Sequence of Image)
+        dataset = dataset.cast_column("images", type(listed)(datasets.Image(decode=False)))
     return iter(dataset)
 
 
@@ -204,9 +214,17 @@ def _example(raw: dict, index: int, base: Path | None) -> Example:
         if not value or not value.strip():
             raise _BadRow(f"empty_{key}")
         texts[key] = value.strip()
-    row = {k: v for k, v in raw.items() if k not in ("image", "problem", "solution")}
-    return Example(_decode_image(raw.get("image"), base), texts["problem"], texts["solution"],
-                   row, index)
+    row = {k: v for k, v in raw.items() if k not in ("image", "images", "problem", "solution")}
+    if raw.get("images") is not None:
+        if raw.get("image") is not None:
+            raise _BadRow("wrong_type", "both image and images are set")
+        if not isinstance(raw["images"], (list, tuple)):
+            raise _BadRow("wrong_type", f"images is a {type(raw['images']).__name__}, not a "
+                                        "list")
+        images = [_decode_image(v, base) for v in raw["images"]]
+    else:
+        images = [_decode_image(raw.get("image"), base)]
+    return Example(images, texts["problem"], texts["solution"], row, index)
 
 
 def _decode_image(value, base: Path | None) -> Image.Image:
@@ -378,32 +396,48 @@ def _png(image: Image.Image) -> bytes:
 
 
 def write_examples(rows: list[dict], path: str | Path) -> Path:
-    """Write rows whose `image` is a PIL image to `path`, atomically; returns the path.
+    """Write rows whose `image` is a PIL image (or whose `images` is a list of them) to `path`,
+    atomically; returns the path.
 
-    .jsonl: one object per line, the image a path relative to the file, saved as
-    <stem>_images/NNNNN.png beside it. .parquet: the image as {bytes: PNG, path: None}, the
-    Hugging Face Image feature (declared in the schema metadata, so `datasets` decodes it).
+    .jsonl: one object per line, each image a path relative to the file, saved as
+    <stem>_images/NNNNN[_k].png beside it. .parquet: each image as {bytes: PNG, path: None},
+    the Hugging Face Image feature (declared in the schema metadata, so `datasets` decodes it).
     """
     path = Path(path)
     if path.suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"write_examples: expected a .jsonl or .parquet path, got {path}")
+    key = "images" if rows and "images" in rows[0] else "image"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: os.replace is atomic
     try:
         if path.suffix == ".parquet":
-            table = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "image"}
+            table = pa.Table.from_pylist([{k: v for k, v in r.items() if k != key}
                                           for r in rows])
-            images = pa.array([{"bytes": _png(r["image"]), "path": None} for r in rows], IMAGE_TYPE)
-            table = table.add_column(0, "image", images).replace_schema_metadata(
-                {"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}})})
+            if key == "image":
+                column = pa.array([{"bytes": _png(r["image"]), "path": None} for r in rows],
+                                  IMAGE_TYPE)
+                feature = {"_type": "Image"}
+            else:
+                column = pa.array([[{"bytes": _png(im), "path": None} for im in r["images"]]
+                                   for r in rows], pa.list_(IMAGE_TYPE))
+                feature = {"_type": "Sequence", "feature": {"_type": "Image"}}
+            table = table.add_column(0, key, column).replace_schema_metadata(
+                {"huggingface": json.dumps({"info": {"features": {key: feature}}})})
             pq.write_table(table, tmp)
         else:
             folder = path.parent / f"{path.stem}_images"
             folder.mkdir(exist_ok=True)
             with open(tmp, "w", encoding="utf-8") as f:
                 for i, r in enumerate(rows):
-                    r["image"].save(folder / f"{i:05d}.png")
-                    f.write(json.dumps({**r, "image": f"{folder.name}/{i:05d}.png"},
+                    if key == "image":
+                        r["image"].save(folder / f"{i:05d}.png")
+                        saved = f"{folder.name}/{i:05d}.png"
+                    else:
+                        saved = []
+                        for k, im in enumerate(r["images"]):
+                            im.save(folder / f"{i:05d}_{k}.png")
+                            saved.append(f"{folder.name}/{i:05d}_{k}.png")
+                    f.write(json.dumps({**r, key: saved},
                                        ensure_ascii=False) + "\n")
         os.replace(tmp, path)
     finally:
@@ -453,7 +487,7 @@ def load_task(source: str, cfg, encoder, *, key: str, split: str, n: int, limit:
         result = load_examples(path, split=split, limit=limit or None, strict=strict,
                                max_prompt_length=max_prompt_length,
                                prompt_length=lambda e: encoder.prompt_length(
-                                   e.image, question(e.problem)),
+                                   e.images, question(e.problem)),
                                warn=warn)
     except ValueError as e:
         raise UserError(f"{key}={source!r} (split {split!r}): {e}",

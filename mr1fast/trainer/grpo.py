@@ -85,7 +85,8 @@ def _train_grpo(cfg: Config, world: World, device: torch.device, on_step) -> dic
         ref = None
         if any(beta_at(k) > 0 for k in range(total * mu + 1)):
             ref = reference_model(cfg, s, warmup_dir)
-        sampler = make_sampler(cfg, gen.model, encoder, s.model_path, s.dtype)
+        most_images = max([1, *(len(e.images) for e in s.train_set)])
+        sampler = make_sampler(cfg, gen.model, encoder, s.model_path, s.dtype, most_images)
         t_sync = time.perf_counter()
         sync_weights(sampler, policy, world)  # the sampler starts from disk; the policy may be newer
         log(f"sampler: {type(sampler).__name__} (first weight sync "
@@ -275,7 +276,8 @@ class StepBatch:
         r = self.rollout
         unique, local = torch.unique(r.prompt_index[rows], return_inverse=True)
         sub = self.prompts.select(unique)
-        feats = [self.features[i] for i in unique.tolist()] if self.features is not None \
+        feats = [self.features[i] for i in self.prompts.image_rows(unique.tolist())] \
+            if self.features is not None \
             else encode_images(model, sub)
         return completion_hidden(model, sub, feats, local, r.completion_ids[rows],
                                  r.completion_mask[rows])
@@ -297,7 +299,8 @@ class StepBatch:
         return out
 
 
-def make_sampler(cfg: Config, model, encoder, model_path: str, dtype: torch.dtype):
+def make_sampler(cfg: Config, model, encoder, model_path: str, dtype: torch.dtype,
+                 max_images: int = 1):
     """The configured sampler: transformers' generate on `model` (hf: the policy itself, or its
     replica under FSDP) or a colocated vLLM engine (vllm) started from `model_path` (synced
     with the policy before use)."""
@@ -315,7 +318,8 @@ def make_sampler(cfg: Config, model, encoder, model_path: str, dtype: torch.dtyp
         max_num_seqs=v.max_num_seqs or g.prompts_per_step * g.num_generations, seed=cfg.seed,
         bucket_mb=v.sync_bucket_mb, drain_encoder_cache=v.drain_encoder_cache,
         sleep_level=v.sleep_level, gpu_memory_utilization=v.gpu_memory_utilization,
-        cpu_kv_cache_gb=v.cpu_kv_cache_gb, enforce_eager=v.enforce_eager)
+        cpu_kv_cache_gb=v.cpu_kv_cache_gb, enforce_eager=v.enforce_eager,
+        max_images_per_prompt=max_images)
 
 
 def sync_weights(sampler, policy, world: World) -> None:

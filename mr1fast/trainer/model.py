@@ -181,23 +181,32 @@ def _save_image_processor(image_processor, out_dir: Path) -> None:
     pp.write_text(json.dumps(cfg, indent=2))
 
 
-def attention_implementation(device: torch.device) -> str:
-    """flash_attention_2 where flash-attn and CUDA are present, SDPA otherwise."""
+def attention_implementation(device: torch.device, packing: str = "padded"):
+    """What load_model passes as attn_implementation. Padded: flash_attention_2 where flash-attn
+    and CUDA are present, SDPA otherwise. Packed modes: mr1fast's registered attention function
+    (attention.py: SDPA, FlexAttention or varlen by the mask it is given) for the language
+    model, the vision tower keeping the padded choice."""
+    base = "sdpa"
     if device.type == "cuda":
         try:
             import flash_attn  # noqa: F401
-            return "flash_attention_2"
+            base = "flash_attention_2"
         except ImportError:
             pass
-    return "sdpa"
+    if packing == "padded":
+        return base
+    from .attention import register
+
+    return {"text_config": register(), "vision_config": base, "": base}
 
 
 def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype,
                gradient_checkpointing: bool = False, freeze_vision: bool = False,
-               trainable: bool = True):
+               trainable: bool = True, packing: str = "padded"):
     """A Qwen2-VL / Qwen2.5-VL checkpoint by hub id or local path (a Hugging Face checkpoint, or
     one of mr1fast's step checkpoints), on `device` in `dtype`. `trainable=False` gives a
-    frozen eval-mode copy (the reference model)."""
+    frozen eval-mode copy (the reference model). `packing` (model.packing) picks the attention
+    implementation (attention_implementation)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     from .checkpoint import is_step_checkpoint, load_weights
@@ -207,11 +216,12 @@ def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype,
         if is_step_checkpoint(name_or_path):  # mr1fast's own: weights in DCP shards
             model = AutoModelForImageTextToText.from_config(
                 AutoConfig.from_pretrained(name_or_path), dtype=dtype,
-                attn_implementation=attention_implementation(device))
+                attn_implementation=attention_implementation(device, packing))
             load_weights(name_or_path, model)
         else:
             model = AutoModelForImageTextToText.from_pretrained(
-                name_or_path, dtype=dtype, attn_implementation=attention_implementation(device))
+                name_or_path, dtype=dtype,
+                attn_implementation=attention_implementation(device, packing))
     except (OSError, ValueError) as e:
         raise UserError(f"model {name_or_path!r} cannot be loaded: {_first_line(e)}",
                         fix="check that the folder holds a complete Qwen2-VL / Qwen2.5-VL "
@@ -294,39 +304,56 @@ class PromptEncoder:
             {self.tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS[3:]}
             - {self.tokenizer.unk_token_id, None})
 
-    def chat_text(self, question: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": question}]}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=True)
+    def chat_text(self, question: str, n_images: int = 1) -> str:
+        """The chat prompt: n_images image placeholders, then the question."""
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                  tokenize=False, add_generation_prompt=True)
 
-    def prompt_length(self, image, question: str) -> int:
-        """Tokens of one prompt, image tokens included (for the data loader's limit)."""
-        grid = self.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
-        text = self.chat_text(question)
-        return len(self.tokenizer(text)["input_ids"]) - 1 + int(grid.prod()) // self.merge
+    def prompt_length(self, images, question: str) -> int:
+        """Tokens of one prompt, image tokens included (for the data loader's limit). `images`:
+        one image or a list (possibly empty)."""
+        images = _as_list(images)
+        text = self.chat_text(question, len(images))
+        n = len(self.tokenizer(text)["input_ids"]) - len(images)
+        if images:
+            grid = self.image_processor(images=images, return_tensors="pt")["image_grid_thw"]
+            n += int(grid.prod(-1).sum()) // self.merge
+        return n
 
     def encode(self, images: Sequence, questions: Sequence[str],
                device: torch.device) -> PromptBatch:
-        vis = self.image_processor(images=list(images), return_tensors="pt")
-        grid = vis["image_grid_thw"]
+        """The prompts of `questions`; images[i] is prompt i's image or list of images (any
+        number, none included)."""
+        per_prompt = [_as_list(x) for x in images]
+        flat = [im for row in per_prompt for im in row]
+        grid, pixels = None, None
+        if flat:
+            vis = self.image_processor(images=flat, return_tensors="pt")
+            grid, pixels = vis["image_grid_thw"], vis["pixel_values"]
+        tokens = iter([] if grid is None else (grid.prod(-1) // self.merge).tolist())
         texts = []
-        for q, g in zip(questions, grid):
-            texts.append(self.chat_text(q).replace(
-                self.image_token, self.image_token * (int(g.prod()) // self.merge), 1))
+        for q, row in zip(questions, per_prompt):
+            text = self.chat_text(q, len(row))
+            parts = text.split(self.image_token)
+            text = parts[0] + "".join(self.image_token * next(tokens) + part
+                                      for part in parts[1:])
+            texts.append(text)
         tok = self.tokenizer(texts, return_tensors="pt", padding=True)
         return PromptBatch(input_ids=tok["input_ids"].to(device),
                            attention_mask=tok["attention_mask"].to(device),
-                           pixel_values=vis["pixel_values"].to(device),
-                           image_grid_thw=grid.to(device), image_token_id=self.image_token_id,
-                           pad_token_id=self.tokenizer.pad_token_id, images=list(images))
+                           pixel_values=None if pixels is None else pixels.to(device),
+                           image_grid_thw=None if grid is None else grid.to(device),
+                           image_token_id=self.image_token_id,
+                           pad_token_id=self.tokenizer.pad_token_id, images=list(images),
+                           image_counts=[len(row) for row in per_prompt])
 
     def encode_examples(self, examples: Sequence, device: torch.device) -> PromptBatch:
         """encode() of data.Example rows: their images and R1-V questions."""
         from .data import question
 
-        return self.encode([e.image for e in examples], [question(e.problem) for e in examples],
-                           device)
+        return self.encode([e.images for e in examples],
+                           [question(e.problem) for e in examples], device)
 
     def save(self, out_dir: str | Path) -> None:
         """Tokenizer, chat template and image processor, next to a saved model."""
@@ -338,24 +365,45 @@ class PromptEncoder:
                 for row, m in zip(ids.cpu(), mask.cpu())]
 
 
+def _as_list(images) -> list:
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
 def encode_images(model, prompts: PromptBatch) -> tuple[torch.Tensor, ...]:
-    """The vision tower's output per prompt: a tuple of P tensors [image_tokens_p, d]."""
+    """The vision tower's output per image (prompt order): a tuple of N tensors
+    [image_tokens_i, d] (empty when the batch has no image)."""
+    if prompts.num_images == 0:
+        return ()
     out = model.model.get_image_features(prompts.pixel_values, prompts.image_grid_thw,
                                          return_dict=True)
     return tuple(out.pooler_output)
 
 
+def image_inputs(prompts: PromptBatch, features: Sequence[torch.Tensor],
+                 prompt_rows: Sequence[int]) -> dict:
+    """The image arguments of a language-model forward over sequences that hold the prompts
+    `prompt_rows` in that order: their images' grids and already computed features
+    (`features`: encode_images' output for `prompts`). Nothing when they have no image."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    images = prompts.image_rows(prompt_rows)
+    if not images:
+        return {}
+    index = torch.tensor(images, device=prompts.image_grid_thw.device)
+    feats = BaseModelOutputWithPooling(pooler_output=tuple(features[i] for i in images))
+    return {"image_grid_thw": prompts.image_grid_thw[index],
+            "mm_encoder_outputs": {"image": feats}}
+
+
 def completion_hidden(model, prompts: PromptBatch, image_features: Sequence[torch.Tensor],
                       prompt_index: torch.Tensor, completion_ids: torch.Tensor,
                       completion_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states that predict each completion token: [B, C, d].
+    """Final hidden states that predict each completion token: [B, C, d], from the padded
+    per-completion forward (model.packing=padded; the reference of the packed forwards).
 
     prompt_index [B] int64 says which prompt each completion continues; completion_ids and
     completion_mask are [B, C] (right-padded). `image_features` comes from `encode_images` and
     is indexed, not recomputed, for each completion."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    idx = prompt_index.tolist()
     prompt_ids = prompts.input_ids[prompt_index]
     # An image token inside a completion (the samplers suppress them) must not be taken for
     # an image placeholder.
@@ -363,11 +411,9 @@ def completion_hidden(model, prompts: PromptBatch, image_features: Sequence[torc
                                                prompts.pad_token_id)
     ids = torch.cat([prompt_ids, completion_in], 1)
     attn = torch.cat([prompts.attention_mask[prompt_index], completion_mask.long()], 1)
-    feats = BaseModelOutputWithPooling(pooler_output=tuple(image_features[i] for i in idx))
     out = model.model(input_ids=ids, attention_mask=attn,
-                      image_grid_thw=prompts.image_grid_thw[prompt_index],
-                      mm_token_type_ids=(ids == prompts.image_token_id).int(),
-                      mm_encoder_outputs={"image": feats}, use_cache=False)
+                      mm_token_type_ids=(ids == prompts.image_token_id).int(), use_cache=False,
+                      **image_inputs(prompts, image_features, prompt_index.tolist()))
     lp, c = prompts.input_ids.shape[1], completion_ids.shape[1]
     return out.last_hidden_state[:, lp - 1: lp - 1 + c]
 
