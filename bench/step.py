@@ -1,24 +1,35 @@
 """End-to-end GRPO-D step benchmark, and the same step in TRL's GRPOTrainer side by side.
 
-One step = rollout (transformers' generate, fixed-length: every completion has exactly C
-tokens) + rewards (accuracy + format) + reference log-probs + one optimizer update, on P
-prompts x G completions of synthetic counting data. Both trainers get the same checkpoint, the
-same data generator, P, G, C, beta > 0 (so a reference model), mu = 1, the whole batch in one
-micro-batch, a frozen vision tower, fp32 on CPU. Each (trainer, model) runs in its own child
-process: `warmup` steps, then `steps` measured ones. Reported per trainer and model (medians
-over the measured steps):
-  tokens_per_s    completion tokens (P*G*C) / step seconds
+One step = rollout (transformers' generate) + rewards (accuracy + format) + reference
+log-probs + one optimizer update, on P prompts x G completions of synthetic counting data
+(image_size x image_size images). Every trainer gets the same checkpoint, the same data, P, G,
+the same completion lengths, beta > 0 (so a reference model), mu = 1, the whole batch in one
+micro-batch, a frozen vision tower. Completion lengths: --tokens C makes every completion C
+tokens; --tokens LO:HI draws each completion's length uniformly from [LO, HI] (the same draws
+for every trainer: generation runs HI tokens, then each completion is cut at its length and
+ends with the stop token). Each (trainer, model) runs in its own child process: `warmup`
+steps, then `steps` measured ones. Reported per trainer and model (medians over the measured
+steps):
+  tokens_per_s    completion tokens / step seconds
   *_s             seconds per phase: rollout (prompt encoding + generate), reward (decode +
                   reward functions), ref (reference log-probs, advantages), update (policy
                   forward + backward + optimizer step), step (all of it)
+  positions       the positions one forward pass over the step computes in the language
+                  model, padding included (the reference and the update each run one pass)
+  pack_share      host time building the packed layouts / step seconds (mr1fast)
   peak_memory     CPU: the process's peak RSS over the measured steps (weights, optimizer
                   state and libraries included); CUDA: max_memory_allocated
   step_memory     that peak minus the memory in use when the measured steps began
 
-mr1fast runs its real trainer (mr1fast.trainer.grpo.train_grpo); TRL runs GRPOTrainer(use_vllm=False),
-phases timed by wrapping its _generate, _calculate_rewards and _generate_and_score_completions.
+Trainers: mr1fast (model.packing=shared_prefix, the default), mr1fast-packed, mr1fast-padded,
+any of them as @N (torchrun on N processes: FSDP2; NCCL on GPUs, gloo on the CPU; the same
+global batch), and trl (GRPOTrainer(use_vllm=False), phases timed by wrapping its _generate,
+_calculate_rewards and _generate_and_score_completions). mr1fast runs its real trainer
+(mr1fast.trainer.grpo.train_grpo).
 
-    python bench/step.py                             # both trainers, tiny and tiny-v152k
+    python bench/step.py                             # mr1fast and TRL, tiny and tiny-v152k
+    python bench/step.py --models tiny-v152k --image-size 448 --tokens 32:128 \
+        --trainers mr1fast,mr1fast-packed,mr1fast-padded,trl      # the prompt-heavy VLM step
     python bench/step.py --models qwen2-vl-2b --trainers mr1fast --dtype bf16   # GPU
     python bench/step.py --models tiny-v152k --trainers mr1fast,mr1fast@2       # 2 ranks
     mr1fast bench step [same options]
@@ -42,9 +53,11 @@ sys.path.insert(0, str(HERE))
 import results  # noqa: E402
 
 PHASES = ("rollout_s", "reward_s", "ref_s", "update_s", "step_s")
-# mr1fast@N: mr1fast under torchrun on N processes (FSDP2; NCCL on GPUs, gloo on the CPU), the
-# same global batch; mr1fast@1 is the FSDP path on one device.
-TRAINERS = ("mr1fast", "trl")
+# mr1fast[-layout][@N]: the layout (model.packing) and N processes under torchrun; mr1fast@1 is
+# the FSDP path on one device.
+LAYOUTS = {"mr1fast": "shared_prefix", "mr1fast-packed": "packed",
+           "mr1fast-padded": "padded"}
+TRAINERS = (*LAYOUTS, "trl")
 # Issue 5's targets for the 151936-vocabulary model: mr1fast / TRL.
 TARGETS = {"tokens_per_s": 2.0, "peak_memory": 0.5}
 
@@ -83,14 +96,18 @@ class StepRecorder:
         self.steps: list[dict] = []
         self.peak = None
 
-    def step_done(self, step: int, phases: dict, completion_length: float) -> None:
-        if abs(completion_length - self.args.tokens) > 1e-6:
+    def step_done(self, step: int, phases: dict, completion_length: float,
+                  positions: float, pack_s: float = 0.0) -> None:
+        lo, hi = self.args.min_tokens, self.args.tokens
+        if not lo - 1e-6 <= completion_length <= hi + 1e-6:
             raise RuntimeError(f"step {step}: mean completion length {completion_length}, "
-                               f"expected the fixed {self.args.tokens}")
+                               f"expected one in [{lo}, {hi}]")
         if step == self.args.warmup:
             self.memory.start()
         elif self.args.warmup < step <= self.args.warmup + self.args.steps:
-            self.steps.append(phases)
+            B = self.args.prompts * self.args.G
+            self.steps.append(dict(phases, tokens=completion_length * B, positions=positions,
+                                   pack_s=pack_s))
             if step == self.args.warmup + self.args.steps:
                 self.peak = self.memory.peak()
 
@@ -101,33 +118,89 @@ class StepRecorder:
                 "step_memory": self.peak - self.memory.base}
 
 
+class Lengths:
+    """--tokens LO:HI: each completion's length, drawn per generate call (the k-th call of every
+    trainer gets the same draws)."""
+
+    def __init__(self, args):
+        self.args, self.calls = args, 0
+
+    def next(self, n: int) -> list[int]:
+        import random
+
+        rng = random.Random(f"{self.args.seed}:{self.calls}")
+        self.calls += 1
+        return [rng.randint(self.args.min_tokens, self.args.tokens) for _ in range(n)]
+
+
+def cut_rollouts(args) -> None:
+    """HFSampler.generate's completions cut at drawn lengths (each ends with a stop token);
+    the width trimmed to the longest, as a sampler that stopped there returns it."""
+    import torch
+
+    from mr1fast.rollout.hf_sampler import HFSampler
+
+    lengths, generate = Lengths(args), HFSampler.generate
+
+    def cut(self, prompts, n, params, seeds=None):
+        r = generate(self, prompts, n, params, seeds)
+        ids, mask = r.completion_ids.clone(), r.completion_mask.clone()
+        L = torch.tensor(lengths.next(ids.shape[0]), device=ids.device)
+        cols = torch.arange(ids.shape[1], device=ids.device)[None]
+        ids[cols == L[:, None] - 1] = self.stop_ids[0]
+        mask = mask * (cols < L[:, None])
+        ids = ids.masked_fill(mask == 0, self.pad_id)
+        width = int(L.max())
+        return type(r)(ids[:, :width], mask[:, :width], (r.logprobs * mask)[:, :width],
+                       r.prompt_index)
+
+    HFSampler.generate = cut
+
+
+def counting_rows(args) -> list[dict]:
+    from mr1fast.trainer.data import make_counting
+
+    return make_counting(args.rows, seed=args.seed, image_size=args.image_size)
+
+
 def run_mr1fast(args, recorder: StepRecorder) -> None:
     from mr1fast.trainer.config import embedded_default, from_dict
+    from mr1fast.trainer.data import write_examples
     from mr1fast.trainer.grpo import train_grpo
 
+    data = Path(args.work_dir) / "data" / "counting.jsonl"
+    if os.environ.get("RANK", "0") == "0" and not data.is_file():
+        write_examples(counting_rows(args), data)
+    if "RANK" in os.environ:  # the other ranks wait for rank 0's file
+        while not data.is_file():
+            time.sleep(0.1)
+    if args.min_tokens < args.tokens:
+        cut_rollouts(args)
     # One step past the measured ones: the run's final checkpoint is saved at its last step,
     # outside the measurement.
     cfg = from_dict({
         "model": {"name": args.model_path, "device": args.device, "dtype": args.dtype,
-                  "freeze_vision": True, "gradient_checkpointing": False},
-        "data": {"train": "synthetic:counting", "synthetic_size": args.rows,
-                 "max_prompt_length": 4096},
+                  "freeze_vision": True, "gradient_checkpointing": False,
+                  "packing": LAYOUTS[args.child.split("@")[0]]},
+        "data": {"train": str(data), "max_prompt_length": 4096},
         "grpo": {"num_generations": args.G, "prompts_per_step": args.prompts,
-                 "micro_batch_size": 0, "max_steps": args.warmup + args.steps + 1,
+                 "micro_batch_size": 0, "max_tokens_per_micro_batch": 0,
+                 "max_steps": args.warmup + args.steps + 1,
                  "max_completion_length": args.tokens, "ignore_eos": True, "lr": args.lr,
                  "sft_warmup_steps": 0, "loss_type": "grpo",
                  "beta_schedule": {"kind": "grpo_d", "beta_min": 0.04, "beta_max": 0.1,
                                    "explore_ratio": 0.3}},
         "eval": {"tasks": {}},
         "log": {"save_every": 10**9, "progress": False},
-        "sampler": "hf", "seed": args.seed, "output_dir": args.work_dir,
+        "sampler": "hf", "seed": args.seed, "output_dir": args.work_dir + "/run",
         "cache_dir": args.work_dir,
     }, base=embedded_default())
 
     def on_step(step, m):
         recorder.step_done(step, {"rollout_s": m["rollout_s"], "reward_s": m["reward_s"],
                                   "ref_s": m["ref_s"], "update_s": m["update_s"] + m["sync_s"],
-                                  "step_s": m["step_seconds"]}, m["completion_length"])
+                                  "step_s": m["step_seconds"]}, m["completion_length"],
+                           m["positions"], m["pack_s"])
 
     train_grpo(cfg, on_step=on_step)
 
@@ -138,11 +211,11 @@ def run_trl(args, recorder: StepRecorder) -> None:
     from transformers import AutoProcessor, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from mr1fast.trainer.data import make_counting, question
+    from mr1fast.trainer.data import question
     from mr1fast.trainer.model import load_model
     from mr1fast.trainer.rewards import accuracy_reward, format_reward
 
-    rows = make_counting(args.rows, seed=args.seed)
+    rows = counting_rows(args)
     data = Dataset.from_list([
         {"prompt": [{"role": "user", "content": [
             {"type": "image"}, {"type": "text", "text": question(r["problem"])}]}],
@@ -157,7 +230,7 @@ def run_trl(args, recorder: StepRecorder) -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = load_model(args.model_path, device=torch.device(args.device), dtype=dtype,
                        freeze_vision=True)
-    timers = {"rollout_s": 0.0, "reward_s": 0.0, "prepare_s": 0.0}
+    timers = {"rollout_s": 0.0, "reward_s": 0.0, "prepare_s": 0.0, "positions": 0}
 
     def timed(method, key):
         def wrapper(*a, **k):
@@ -172,7 +245,7 @@ def run_trl(args, recorder: StepRecorder) -> None:
         t0 = 0.0
 
         def on_step_begin(self, *_, **__):
-            timers.update(rollout_s=0.0, reward_s=0.0, prepare_s=0.0)
+            timers.update(rollout_s=0.0, reward_s=0.0, prepare_s=0.0, positions=0)
             self.t0 = time.perf_counter()
 
         def on_step_end(self, a, state, control, **_):
@@ -181,7 +254,8 @@ def run_trl(args, recorder: StepRecorder) -> None:
             recorder.step_done(state.global_step, {
                 "rollout_s": timers["rollout_s"], "reward_s": timers["reward_s"],
                 "ref_s": timers["prepare_s"] - timers["rollout_s"] - timers["reward_s"],
-                "update_s": step_s - timers["prepare_s"], "step_s": step_s}, lengths[-1])
+                "update_s": step_s - timers["prepare_s"], "step_s": step_s}, lengths[-1],
+                timers["positions"])
 
     config = GRPOConfig(
         output_dir=args.work_dir, per_device_train_batch_size=args.prompts * args.G,
@@ -198,8 +272,27 @@ def run_trl(args, recorder: StepRecorder) -> None:
                           callbacks=[Steps()])
     trainer._generate = timed(trainer._generate, "rollout_s")
     trainer._calculate_rewards = timed(trainer._calculate_rewards, "reward_s")
-    trainer._generate_and_score_completions = timed(trainer._generate_and_score_completions,
-                                                    "prepare_s")
+    score = timed(trainer._generate_and_score_completions, "prepare_s")
+
+    def scored(*a, **k):  # its padded [B, P + C] forward: the positions each pass computes
+        out = score(*a, **k)
+        timers["positions"] += out["prompt_ids"].numel() + out["completion_ids"].numel()
+        return out
+
+    trainer._generate_and_score_completions = scored
+    if args.min_tokens < args.tokens:
+        lengths, single_turn = Lengths(args), trainer._generate_single_turn
+        stop = trainer.processing_class.tokenizer.eos_token_id
+
+        def cut(*a, **k):  # the drawn lengths, each completion ending with the stop token
+            ids, logprobs = single_turn(*a, **k)
+            L = lengths.next(len(ids))
+            ids = [list(c[:n - 1]) + [stop] for c, n in zip(ids, L)]
+            if logprobs is not None:
+                logprobs = [lp[:n] for lp, n in zip(logprobs, L)]
+            return ids, logprobs
+
+        trainer._generate_single_turn = cut
     trainer.train()
 
 
@@ -215,11 +308,13 @@ def child(args) -> int:
     return 0
 
 
-def summarize(raw: dict, tokens: int) -> dict:
-    """Medians over the measured steps, tokens/s (`tokens` per step) and memory of one
-    child's output."""
-    out = {k: statistics.median(s[k] for s in raw["steps"]) for k in PHASES}
-    out["tokens_per_s"] = tokens / out["step_s"]
+def summarize(raw: dict) -> dict:
+    """Medians over the measured steps of one child's output, tokens/s and memory."""
+    steps = raw["steps"]
+    out = {k: statistics.median(s[k] for s in steps) for k in PHASES}
+    out["tokens_per_s"] = sum(s["tokens"] for s in steps) / sum(s["step_s"] for s in steps)
+    out["positions"] = statistics.median(s["positions"] for s in steps)
+    out["pack_share"] = sum(s["pack_s"] for s in steps) / sum(s["step_s"] for s in steps)
     out["peak_memory"], out["step_memory"] = raw["peak_memory"], raw["step_memory"]
     return out
 
@@ -241,51 +336,69 @@ def measure(trainer: str, model_path: str, args, work: Path) -> dict:
     cmd = [*launcher, str(Path(__file__).resolve()), "--child", trainer,
            "--model-path", model_path, "--out", str(out), "--work-dir",
            str(work / f"run-{trainer}-{Path(model_path).name}")]
-    for k in ("prompts", "G", "tokens", "steps", "warmup", "seed", "rows", "device", "dtype",
-              "lr"):
-        cmd += [f"--{k}", str(getattr(args, k))]
+    for k in ("prompts", "G", "steps", "warmup", "seed", "rows", "device", "dtype", "lr",
+              "image_size"):
+        cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    cmd += ["--tokens", f"{args.min_tokens}:{args.tokens}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, env=env, capture_output=not args.verbose, text=True)
     if proc.returncode != 0:
         tail = "" if args.verbose else (proc.stdout + proc.stderr)[-4000:]
         raise RuntimeError(f"{trainer} on {model_path} failed (exit {proc.returncode}):\n{tail}")
-    return summarize(json.loads(out.read_text()), args.prompts * args.G * args.tokens)
+    return summarize(json.loads(out.read_text()))
 
 
 COLUMNS = [("tokens_per_s", "tokens/s", ".0f"), ("step_s", "step s", ".3f"),
            ("rollout_s", "rollout s", ".3f"), ("reward_s", "reward s", ".3f"),
            ("ref_s", "ref s", ".3f"), ("update_s", "update s", ".3f"),
+           ("positions", "positions", ".0f"), ("pack_share", "pack share", ".4f"),
            ("peak_memory", "peak MiB", ".0f"), ("step_memory", "step MiB", ".0f")]
 
 
 def table(rows: dict, models: list[str], trainers: list[str]) -> list[str]:
-    """A markdown table: per model, each trainer's medians and, with both, mr1fast / TRL
-    (and the verdict on the targets for the 151936-vocabulary model)."""
+    """A markdown table: per model, each trainer's medians; ratios: mr1fast@N / its one-process
+    run, each layout / mr1fast-padded, mr1fast / TRL; the verdicts on the targets (TRL: the
+    151936-vocabulary model; the shared prefix: ref + update >= 2x faster than padded)."""
+    nan = float("nan")
     lines = ["| model | trainer | " + " | ".join(c[1] for c in COLUMNS) + " |",
              "| --- | --- | " + " | ".join("---" for _ in COLUMNS) + " |"]
     verdicts = []
+
+    def ratio_line(m, name, a, b):
+        ratio = {k: a.get(k, nan) / b[k] if b.get(k) else nan for k, _, _ in COLUMNS}
+        lines.append(f"| {m} | {name} | " + " | ".join(f"{ratio[k]:.2f}x" for k, _, _ in COLUMNS)
+                     + " |")
+        return ratio
+
     for m in models:
         for t in trainers:
             r = rows[(t, m)]
-            lines.append(f"| {m} | {t} | " + " | ".join(format(r[k], f) for k, _, f in COLUMNS)
-                         + " |")
+            lines.append(f"| {m} | {t} | " + " | ".join(format(r.get(k, nan), f)
+                                                         for k, _, f in COLUMNS) + " |")
         for t in trainers:
-            if t.startswith("mr1fast@") and "mr1fast" in trainers:
-                a, b = rows[(t, m)], rows[("mr1fast", m)]
-                lines.append(f"| {m} | {t} / mr1fast | " + " | ".join(
-                    f"{a[k] / b[k]:.2f}x" if b[k] > 0 else "n/a" for k, _, _ in COLUMNS) + " |")
+            base = t.split("@")[0]
+            if "@" in t and base in trainers:
+                ratio_line(m, f"{t} / {base}", rows[(t, m)], rows[(base, m)])
+        if "mr1fast-padded" in trainers:
+            padded = rows[("mr1fast-padded", m)]
+            for t in ("mr1fast-packed", "mr1fast"):
+                if t in trainers:
+                    ratio_line(m, f"{t} / mr1fast-padded", rows[(t, m)], padded)
+            if "mr1fast" in trainers:
+                a = rows[("mr1fast", m)]
+                speed = (padded["ref_s"] + padded["update_s"]) / (a["ref_s"] + a["update_s"])
+                verdicts.append(f"{m}: the shared prefix runs ref + update x{speed:.2f} faster "
+                                f"than padded (target >= 2): " +
+                                ("met" if speed >= 2 else "NOT met"))
         if "trl" in trainers and "mr1fast" in trainers:
-            a, b = rows[("mr1fast", m)], rows[("trl", m)]
-            ratio = {k: a[k] / b[k] if b[k] > 0 else float("nan") for k in a}
-            lines.append(f"| {m} | mr1fast / TRL | " + " | ".join(
-                f"{ratio[k]:.2f}x" for k, _, _ in COLUMNS) + " |")
+            ratio = ratio_line(m, "mr1fast / TRL", rows[("mr1fast", m)], rows[("trl", m)])
             if m == "tiny-v152k":
                 verdicts += [f"{k} x{ratio[k]:.2f} (target {'>=' if k == 'tokens_per_s' else '<='}"
                              f" {v}): " + ("met" if (ratio[k] >= v if k == "tokens_per_s"
                                                      else ratio[k] <= v) else "NOT met")
                              for k, v in TARGETS.items()]
     if verdicts:
-        lines += ["", "Targets at V=151936 (mr1fast / TRL): " + "; ".join(verdicts) + "."]
+        lines += ["", "Targets: " + "; ".join(verdicts) + "."]
     return lines
 
 
@@ -309,7 +422,11 @@ def parse(argv=None):
     ap.add_argument("--trainers", default="mr1fast,trl")
     ap.add_argument("--prompts", type=int, default=4, help="P prompts per step")
     ap.add_argument("--G", type=int, default=8, help="completions per prompt")
-    ap.add_argument("--tokens", type=int, default=64, help="C tokens per completion (fixed)")
+    ap.add_argument("--tokens", default="64",
+                    help="C: every completion C tokens; LO:HI: lengths drawn from [LO, HI]")
+    ap.add_argument("--image-size", type=int, default=112,
+                    help="the synthetic images' side in pixels (the model's processor caps "
+                    "it at its max_pixels)")
     ap.add_argument("--steps", type=int, default=3, help="measured steps")
     ap.add_argument("--warmup", type=int, default=1,
                     help="steps before the measured ones (>= 1: the memory window starts "
@@ -326,7 +443,16 @@ def parse(argv=None):
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--work-dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    for k in ("prompts", "G", "tokens", "steps", "rows"):
+    try:
+        lo, _, hi = args.tokens.partition(":")
+        args.min_tokens, args.tokens = int(lo), int(hi or lo)
+    except ValueError:
+        ap.error(f"--tokens: expected C or LO:HI (integers), got {args.tokens!r}")
+    if not 1 <= args.min_tokens <= args.tokens:
+        ap.error(f"--tokens: expected 1 <= LO <= HI, got {args.min_tokens}:{args.tokens}")
+    if args.image_size < 28:
+        ap.error(f"--image-size must be >= 28, got {args.image_size}")
+    for k in ("prompts", "G", "steps", "rows"):
         if getattr(args, k) < 1:
             ap.error(f"--{k} must be >= 1, got {getattr(args, k)}")
     if args.warmup < 1:
@@ -348,10 +474,10 @@ def main(argv=None) -> int:
     models = [m for m in args.models.split(",") if m]
     trainers = [t for t in args.trainers.split(",") if t]
     bad = [t for t in trainers if t not in TRAINERS and not (
-        t.startswith("mr1fast@") and t.split("@")[1].isdigit() and int(t.split("@")[1]) > 0)]
+        t.split("@")[0] in LAYOUTS and t.split("@")[1].isdigit() and int(t.split("@")[1]) > 0)]
     if bad:
-        raise SystemExit(f"--trainers: unknown {bad}; expected some of {list(TRAINERS)} or "
-                         "mr1fast@N (N processes under torchrun)")
+        raise SystemExit(f"--trainers: unknown {bad}; expected some of {list(TRAINERS)}, the "
+                         "mr1fast ones also as NAME@N (N processes under torchrun)")
     missing = [t for t in trainers if not trainer_available(t)]
     if missing:
         print(f"skipping {missing}: not installed (pip install -e '.[dev]')", file=sys.stderr)
@@ -363,15 +489,20 @@ def main(argv=None) -> int:
             path = str(init_tiny_model(work / m, preset=m, seed=args.seed)) if m in PRESETS \
                 else m
             for t in trainers:
+                tokens = f"{args.min_tokens}:{args.tokens}" if args.min_tokens < args.tokens \
+                    else str(args.tokens)
                 print(f"[step] {t} on {m}: {args.warmup} warm-up + {args.steps} measured "
-                      f"steps of {args.prompts}x{args.G}x{args.tokens} tokens", file=sys.stderr,
-                      flush=True)
+                      f"steps of {args.prompts}x{args.G}x{tokens} tokens, {args.image_size}px "
+                      "images", file=sys.stderr, flush=True)
                 rows[(t, m)] = r = measure(t, path, args, work)
                 shape = {"model": m, "prompts": args.prompts, "G": args.G,
                          "tokens": args.tokens, "device": args.device}
+                if args.min_tokens < args.tokens or args.image_size != 112:
+                    shape.update(min_tokens=args.min_tokens, image_size=args.image_size)
                 for k, v in r.items():
-                    unit = "MiB" if k.endswith("memory") else "tok/s" if k == "tokens_per_s" \
-                        else "s"
+                    unit = {"tokens_per_s": "tok/s", "positions": "positions",
+                            "pack_share": "fraction"}.get(k, "MiB" if k.endswith("memory")
+                                                          else "s")
                     records.append(results.record("grpo_step", t, "step", shape, args.dtype, k,
                                                   v, unit))
     print("\n".join(table(rows, models, trainers)))

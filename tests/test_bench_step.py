@@ -1,6 +1,7 @@
-"""bench/step.py, the end-to-end step benchmark with TRL side by side: both trainers run a real
-(tiny) step in a child process and report consistent phases and memory; the fixed length is
-enforced; the ratio table states the targets. Also the benchmark model presets."""
+"""bench/step.py, the end-to-end step benchmark with TRL side by side: the trainers run a real
+(tiny) step in a child process and report consistent phases and memory; completion lengths are
+enforced (fixed, or drawn from a range); the shared prefix computes fewer positions than the
+padded layout; the ratio table states the targets. Also the benchmark model presets."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -47,19 +48,39 @@ def test_one_measured_step_has_consistent_phases_and_memory(trainer, tiny_model_
     assert r["peak_memory"] > 100 and 0 <= r["step_memory"] <= r["peak_memory"], r
 
 
-def test_completions_must_have_the_fixed_length():
+def test_layouts_report_positions_on_drawn_completion_lengths(tiny_model_dir, tmp_path):
+    """--tokens 2:6 and 56 px images: each completion cut at its drawn length; one forward
+    pass of the shared prefix computes fewer positions than the padded layout's."""
+    args = step.parse(["--prompts", "2", "--G", "3", "--tokens", "2:6", "--steps", "1",
+                       "--warmup", "1", "--rows", "8", "--device", "cpu", "--image-size", "56"])
+    shared = step.measure("mr1fast", str(tiny_model_dir), args, tmp_path)
+    padded = step.measure("mr1fast-padded", str(tiny_model_dir), args, tmp_path)
+    assert 0 < shared["positions"] < padded["positions"], (shared, padded)
+    assert 0 <= shared["pack_share"] < 0.5 and padded["pack_share"] == 0.0
+    for r in (shared, padded):  # tokens per step: 6 completions of 2..6 tokens
+        assert 6 * 2 <= r["tokens_per_s"] * r["step_s"] <= 6 * 6, r
+
+
+def test_completion_lengths_are_enforced():
     args = step.parse(["--tokens", "8", "--steps", "1", "--device", "cpu"])
     recorder = step.StepRecorder(args, step.Memory("cpu"))
-    with pytest.raises(RuntimeError, match="expected the fixed 8"):
-        recorder.step_done(1, {}, 7.5)
+    with pytest.raises(RuntimeError, match=r"expected one in \[8, 8\]"):
+        recorder.step_done(1, {}, 7.5, 100)
     with pytest.raises(RuntimeError, match="only 0 of 1 steps"):
         recorder.result()
+    args = step.parse(["--tokens", "4:8", "--steps", "1", "--device", "cpu"])
+    assert (args.min_tokens, args.tokens) == (4, 8)
+    draws = step.Lengths(args)
+    first = draws.next(50)
+    assert all(4 <= n <= 8 for n in first) and len(set(first)) > 1
+    assert step.Lengths(args).next(50) == first  # every trainer gets the same draws
 
 
 def test_table_prints_ratios_and_the_targets_verdict():
-    def row(tok_s, peak):
+    def row(tok_s, peak, ref=0.1, update=0.3):
         return {"tokens_per_s": tok_s, "step_s": 1.0, "rollout_s": 0.5, "reward_s": 0.1,
-                "ref_s": 0.1, "update_s": 0.3, "peak_memory": peak, "step_memory": peak / 2}
+                "ref_s": ref, "update_s": update, "positions": 1000, "pack_share": 0.01,
+                "peak_memory": peak, "step_memory": peak / 2}
 
     rows = {("mr1fast", "tiny-v152k"): row(300.0, 1000.0), ("trl", "tiny-v152k"): row(100.0, 4000.0)}
     text = "\n".join(step.table(rows, ["tiny-v152k"], ["mr1fast", "trl"]))
@@ -70,6 +91,12 @@ def test_table_prints_ratios_and_the_targets_verdict():
     text = "\n".join(step.table(rows, ["tiny-v152k"], ["mr1fast", "trl"]))
     assert "tokens_per_s x1.50 (target >= 2.0): NOT met" in text
     assert "peak_memory x0.67 (target <= 0.5): NOT met" in text
+    # The shared prefix against the padded layout: ref + update 0.4 s against 1.0 s.
+    rows[("mr1fast-padded", "tiny-v152k")] = row(100.0, 1000.0, ref=0.4, update=0.6)
+    text = "\n".join(step.table(rows, ["tiny-v152k"], ["mr1fast", "mr1fast-padded"]))
+    assert "| tiny-v152k | mr1fast / mr1fast-padded | 3.00x |" in text
+    assert "the shared prefix runs ref + update x2.50 faster than padded (target >= 2): met" \
+        in text
 
 
 def test_bad_arguments_are_named():
@@ -77,5 +104,11 @@ def test_bad_arguments_are_named():
         step.parse(["--steps", "0"])
     with pytest.raises(SystemExit):
         step.parse(["--warmup", "0"])
+    with pytest.raises(SystemExit):
+        step.parse(["--tokens", "9:4"])
+    with pytest.raises(SystemExit):
+        step.parse(["--tokens", "many"])
     with pytest.raises(SystemExit, match="unknown"):
         step.main(["--trainers", "mr1fast,deepspeed", "--models", "tiny"])
+    with pytest.raises(SystemExit, match="unknown"):
+        step.main(["--trainers", "mr1fast-dense@2", "--models", "tiny"])

@@ -93,6 +93,11 @@ def test_overrides_parse_yaml_values_and_set_one_mapping_entry():
     ("vllm.sync_every=0", "vllm.sync_every: expected > 0"),
     ("vllm.gpu_memory_utilization=1.5", "vllm.gpu_memory_utilization"),
     ("vllm.sleep_level=3", "vllm.sleep_level: expected one of"),
+    ("model.packing=dense", "model.packing: expected one of"),
+    ("model.attention=xformers", "model.attention: expected one of"),
+    ("model.attention=varlen", "varlen (flash-attn) runs plain packing only"),
+    ("grpo.max_tokens_per_micro_batch=-1", "grpo.max_tokens_per_micro_batch: expected >= 0"),
+    ("sft.max_tokens_per_micro_batch=1.5", "sft.max_tokens_per_micro_batch: expected int"),
 ])
 def test_bad_overrides_are_rejected_with_the_key(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -114,6 +119,14 @@ def test_defaults_are_the_paper_and_r1v_settings():
     assert cfg.grpo.eps_low == 0.2 and cfg.grpo.max_completion_length == 512
     assert cfg.grpo.rewards == {"accuracy": 1.0, "format": 1.0}
     assert from_dict({}).grpo.beta_schedule["explore_ratio"] == 0.3
+
+
+def test_packed_attention_backends_need_a_packed_layout():
+    assert load_config(None, ["model.packing=packed", "model.attention=varlen"]).model.attention \
+        == "varlen"
+    for backend in ("flex", "varlen"):
+        with pytest.raises(ValueError, match="runs the packed layouts only"):
+            load_config(None, ["model.packing=padded", f"model.attention={backend}"])
 
 
 def test_a_level_2_sleep_needs_a_sync_every_step():

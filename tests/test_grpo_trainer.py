@@ -162,26 +162,57 @@ def test_sft_lowers_the_nll_and_eval_gives_the_cross_task_matrix(tmp_path, cache
     assert matrix["sft-counting"]["counting"]["format"] > matrix["base"]["counting"]["format"]
 
 
-def test_micro_batches_add_up_to_the_whole_batch(tmp_path, cache_dir):
-    """One step with the whole batch in one micro-batch and one with micro-batches of 3 (3, 3,
-    2 completions): the same loss, stats and gradients (bnpo: micro-batches weigh by their
-    tokens; tests/test_grpo_loss.py checks micro_batch_weight for every loss type)."""
-    loss_type = "bnpo"
-    def one_step(name, size):
+LAYOUTS = [("padded", 3), ("packed", 0), ("packed", 120), ("shared_prefix", 0),
+           ("shared_prefix", 120)]
+
+
+def test_micro_batches_and_layouts_train_the_same(tmp_path, cache_dir):
+    """One step (mu = 2: old log-probs, reference, two updates) with the whole batch padded in
+    one micro-batch, against padded micro-batches of 3 completions (3, 3, 2), and the packed
+    and shared-prefix layouts in one micro-batch or with a budget of 120 positions (smaller
+    than one group: a group's completions split over micro-batches, its prompt in each). The
+    same loss, stats and gradients (bnpo: micro-batches weigh by their tokens;
+    tests/test_grpo_loss.py checks micro_batch_weight for every loss type)."""
+    def one_step(name, packing, size):
         cfg = tiny_config(tmp_path / name, cache_dir,
-                          grpo={"max_steps": 1, "micro_batch_size": size, "loss_type": loss_type,
-                                "lr": 1e-3},
+                          model={"packing": packing},
+                          grpo={"max_steps": 1, "micro_batch_size": size,
+                                "max_tokens_per_micro_batch": size, "loss_type": "bnpo",
+                                "updates_per_batch": 2, "lr": 1e-3},
                           eval={"limit": 2, "max_new_tokens": 4})
         metrics = train_grpo(cfg)["metrics"]
         ckpt = tmp_path / name / "checkpoints" / "step-000001"
         return metrics, read_step_checkpoint(ckpt, tmp_path)["optim"]
 
-    (whole, adam1), (split, adam2) = one_step("whole", 0), one_step("split", 3)
-    for key in ("loss", "kl", "entropy", "clip_frac", "grad_norm", "reward_mean"):
-        assert whole[key] == pytest.approx(split[key], rel=1e-4, abs=1e-7), key
-    assert adam1.keys() == adam2.keys() and len(adam1) > 0
-    for k in adam1:  # Adam's first moments: the gradients of the one step
-        assert torch.allclose(adam1[k]["exp_avg"], adam2[k]["exp_avg"], rtol=1e-3, atol=1e-9)
+    whole, adam1 = one_step("whole", "padded", 0)
+    for packing, size in LAYOUTS:
+        split, adam2 = one_step(f"{packing}-{size}", packing, size)
+        for key in ("loss", "kl", "entropy", "clip_frac", "grad_norm", "reward_mean"):
+            assert whole[key] == pytest.approx(split[key], rel=1e-4, abs=1e-6), \
+                (packing, size, key)
+        assert adam1.keys() == adam2.keys() and len(adam1) > 0
+        for k in adam1:  # Adam's moments: the gradients of the two updates
+            assert torch.allclose(adam1[k]["exp_avg"], adam2[k]["exp_avg"], rtol=1e-3,
+                                  atol=1e-8), (packing, size, k)
+
+
+@pytest.mark.parametrize("packing", ["packed", "shared_prefix"])
+def test_sft_trains_the_same_in_every_layout(tmp_path, cache_dir, packing):
+    """Two SFT steps padded (micro-batches of 2) and packed (a budget of 150 positions): the
+    same losses and gradient norms."""
+    def run(name, mode):
+        cfg = tiny_config(tmp_path / name, cache_dir, model={"packing": mode},
+                          sft={"max_steps": 2, "batch_size": 6, "micro_batch_size": 2,
+                               "max_tokens_per_micro_batch": 150, "lr": 3e-3},
+                          eval={"limit": 2, "max_new_tokens": 4})
+        run_sft(cfg)
+        return read_metrics(tmp_path / name / "metrics.jsonl")
+
+    a, b = run("padded", "padded"), run(packing, packing)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "grad_norm"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), key
 
 
 def test_micro_batch_fit_halves_on_out_of_memory():

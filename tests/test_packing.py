@@ -11,9 +11,14 @@ import torch
 from PIL import Image
 
 from mr1fast import token_logprobs
+from mr1fast.rollout.sampler import Rollout
 from mr1fast.trainer import packing as pk
-from mr1fast.trainer.model import (PromptEncoder, completion_hidden, encode_images,
+from mr1fast.trainer.distributed import World
+from mr1fast.trainer.forward import StepBatch
+from mr1fast.trainer.grpo import logprobs
+from mr1fast.trainer.model import (Policy, PromptEncoder, completion_hidden, encode_images,
                                    lm_head_weight, load_model)
+from mr1fast.trainer.run import MicroBatchFit
 
 CPU = torch.device("cpu")
 
@@ -175,15 +180,16 @@ def _logprobs_and_grads(model, hidden_fn, ids, lengths, weights):
 
 
 @pytest.mark.parametrize("mode", ["shared_prefix", "packed"])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_packed_forward_equals_the_padded_forward(models, mode, seed):
+@pytest.mark.parametrize("seed,rows", [(0, True), (1, True), (2, False)])
+def test_packed_forward_equals_the_padded_forward(models, mode, seed, rows):
     """fp32, 0, 1 and 2 images per prompt, varied prompt and completion lengths: the same
     per-token log-probs (max abs 1e-5) and the same gradient for every parameter, the vision
-    tower's included (relative 1e-4 of the largest entry)."""
+    tower's included (relative 1e-4 of the largest entry). SDPA over the segments as rows
+    (the default) and over the packed row with one [T, T] mask (rows=False)."""
     padded, packed, encoder = models
     vocab = lm_head_weight(padded).shape[0]
     prompts, ids, lengths, prompt_of = random_batch(encoder, vocab, seed,
-                                                    counts=(2, 0, 1) if seed else (0, 1, 2))
+                                                    counts=((0, 1, 2), (2, 0, 1), (1, 2))[seed])
     B, C = ids.shape
     mask = (torch.arange(C)[None] < lengths[:, None]).float()
     valid = mask.reshape(-1) > 0
@@ -199,7 +205,7 @@ def test_packed_forward_equals_the_padded_forward(models, mode, seed):
     assert torch.equal(packing.token_index, valid.nonzero()[:, 0])
 
     def packed_logp(m):
-        h = pk.packed_hidden(m, prompts, None, packing, "sdpa")
+        h = pk.packed_hidden(m, prompts, None, packing, "sdpa", rows=rows)
         return token_logprobs(h, lm_head_weight(m), ids.reshape(-1)[packing.token_index][None])[0]
 
     want, want_g = _logprobs_and_grads(padded, padded_logp, ids, lengths, weights)
@@ -309,3 +315,60 @@ def test_equalize_splits_then_pads():
     assert real == 4 and [r for m in micro for r in m] == [0, 1, 2, 3, 4]
     micro, real = pk.equalize([[0], [1]], 3)
     assert real == 2 and micro == [[0], [1], [0]]
+
+
+
+class _MorePasses(World):
+    """A process whose peer planned 2 more micro-batches (World.max over the job)."""
+
+    def max(self, n: int) -> int:
+        return n + 2
+
+
+@pytest.mark.parametrize("mode", ["shared_prefix", "packed"])
+def test_step_batch_log_probs_equal_the_padded_ones_at_any_budget(models, mode):
+    """forward.StepBatch end to end (split, hidden, take, put) through grpo.logprobs: the
+    padded log-probs [B, C] in one micro-batch or at budgets of 40 positions (groups split)
+    and 1 (a completion per micro-batch); with a peer that plans 2 more passes, this process
+    splits its largest micro-batches or (nothing left to split) runs weight-0 copies."""
+    padded, packed, encoder = models
+    vocab = lm_head_weight(padded).shape[0]
+    prompts, ids, lengths, prompt_of = random_batch(encoder, vocab, 5, counts=(1, 0, 2))
+    mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).float()
+    rollout = Rollout(ids, mask, torch.zeros_like(mask), prompt_of)
+    want = logprobs(StepBatch(prompts, rollout, None), Policy(padded), MicroBatchFit(0),
+                    "torch", 1.0)
+    assert (want != 0).sum() == lengths.sum()
+    for budget in (0, 40, 1):
+        batch = StepBatch(prompts, rollout, None, mode, "sdpa", 2, _MorePasses())
+        planned = pk.plan_micro_batches(range(len(ids)), prompt_of.tolist(), lengths.tolist(),
+                                        batch.layout.lengths.tolist(), budget,
+                                        mode == "shared_prefix")
+        micro = batch.split(budget)
+        assert len(micro) == len(planned) + 2
+        assert sum(mb.real for mb in micro) == min(len(micro), len(ids))
+        got = logprobs(batch, Policy(packed), MicroBatchFit(budget), "torch", 1.0)
+        assert (got - want).abs().max() <= 1e-5, budget
+
+
+def test_the_backend_and_layout_that_run_here(tmp_path, tiny_model_dir):
+    from transformers import LlamaConfig
+
+    from mr1fast.trainer.errors import UsageError
+    from mr1fast.trainer.model import packing_mode
+
+    assert pk.resolve_backend("auto", CPU, "shared_prefix") == "sdpa"
+    assert pk.resolve_backend("sdpa", CPU, "packed") == "sdpa"
+    with pytest.raises(UsageError, match="no backward on the CPU"):
+        pk.resolve_backend("flex", CPU, "shared_prefix")
+    with pytest.raises(UsageError, match="varlen needs"):  # flash-attn, then CUDA
+        pk.resolve_backend("varlen", CPU, "packed")
+    with pytest.raises(UsageError, match="plain packing only"):
+        pk.resolve_backend("varlen", CPU, "shared_prefix")
+    notes = []
+    assert packing_mode("shared_prefix", str(tiny_model_dir), notes.append) == "shared_prefix"
+    LlamaConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1,
+                num_attention_heads=1).save_pretrained(tmp_path)
+    assert packing_mode("packed", str(tmp_path), notes.append) == "padded"
+    assert notes == ["model.packing=packed: not available for model type 'llama' (only "
+                     "qwen2_vl, qwen2_5_vl); running padded"]

@@ -13,7 +13,8 @@ from mr1fast.rollout import SamplingParams, vllm_available
 from mr1fast.rollout.vllm_sampler import _ENGINES, VLLMSampler
 from mr1fast.trainer.cli import main
 from mr1fast.trainer.distributed import World
-from mr1fast.trainer.grpo import StepBatch, sync_weights
+from mr1fast.trainer.forward import StepBatch
+from mr1fast.trainer.grpo import logprobs, sync_weights
 from mr1fast.trainer.metrics import read_metrics
 from mr1fast.trainer.model import (Policy, PromptEncoder, completion_hidden, encode_images,
                                    lm_head_weight, load_model)
@@ -57,8 +58,8 @@ def prompts_for(encoder, salt: int, n: int = 3):
 
 
 def policy_logprobs(policy, prompts, rollout) -> torch.Tensor:
-    return StepBatch(prompts, rollout, None).logprobs(Policy(policy), MicroBatchFit(0), "torch",
-                                                      1.0)
+    return logprobs(StepBatch(prompts, rollout, None), Policy(policy), MicroBatchFit(0), "torch",
+                    1.0)
 
 
 def test_sampled_logprobs_are_those_of_the_processed_distribution(tiny):

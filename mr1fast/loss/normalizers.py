@@ -11,6 +11,8 @@ TRL's definitions (GRPOTrainer, loss_type=...), on S sequences with token weight
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 # What each loss type's normaliser counts. A micro-batch's share of that count is its weight in
@@ -37,15 +39,18 @@ def token_scales(batch) -> torch.Tensor:
 
 
 def micro_batch_weight(loss_type: str, micro_mask: torch.Tensor, *, total_sequences: int,
-                       total_tokens: torch.Tensor) -> torch.Tensor:
+                       total_tokens: torch.Tensor, sequences: Optional[int] = None
+                       ) -> torch.Tensor:
     """The weight w of a micro-batch's grpo_loss (computed on its own, with the default
     normalisers) in the loss of the whole batch it belongs to: the sum over micro-batches of
     w * grpo_loss(micro) is grpo_loss(batch). micro_mask [b, T] is the micro-batch's token
-    mask (rows = sequences); total_sequences and total_tokens (a 0-d or 1-element tensor) count
+    mask (rows = sequences; in the packed layout [1, T_total], with `sequences` the number of
+    sequences it holds); total_sequences and total_tokens (a 0-d or 1-element tensor) count
     the whole batch, across accumulation steps and processes. Returns a 0-d fp32 tensor on the
     mask's device (no sync: torch.full launches a fill, it copies nothing from the host)."""
     if loss_type not in NORMALISED_BY:
         raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
     if NORMALISED_BY[loss_type] == "sequences":
-        return torch.full((), micro_mask.shape[0] / total_sequences, device=micro_mask.device)
+        count = micro_mask.shape[0] if sequences is None else sequences
+        return torch.full((), count / total_sequences, device=micro_mask.device)
     return micro_mask.float().sum() / total_tokens.float().reshape(()).clamp(min=1.0)

@@ -33,6 +33,15 @@ class ModelConfig:
     gradient_checkpointing: bool = True
     freeze_vision: bool = False
     impl: str = "auto"                       # grpo_loss / token_logprobs impl
+    # How a micro-batch's sequences are laid out for the forward (packing.py): shared_prefix
+    # (each prompt once per group, no padding), packed (no padding, the prompt per completion),
+    # padded (one left-padded row per completion). Models other than Qwen2-VL / Qwen2.5-VL run
+    # padded.
+    packing: str = "shared_prefix"
+    # The packed forwards' attention: auto (CPU: sdpa; CUDA: flex, or varlen for packed where
+    # flash-attn is installed), sdpa (a dense [T, T] mask), flex (FlexAttention), varlen
+    # (flash-attn; packed only).
+    attention: str = "auto"
 
 
 @dataclass
@@ -49,7 +58,10 @@ class DataConfig:
 class GRPOConfig:
     num_generations: int = 8          # G completions per prompt
     prompts_per_step: int = 16        # global batch: prompts_per_step * G completions per step
-    micro_batch_size: int = 0         # completions per forward/backward; 0: the largest that fits
+    micro_batch_size: int = 0         # padded: completions per forward/backward; 0: the largest
+                                      # that fits
+    max_tokens_per_micro_batch: int = 16384  # packed modes: the positions of one forward (whole
+                                      # groups); 0: the largest that fits
     updates_per_batch: int = 1        # mu; > 1 stores old log-probs and the ratio can clip
     epochs: float = 2.0
     max_steps: int = 0                # > 0 overrides epochs
@@ -85,7 +97,8 @@ class SFTConfig:
     epochs: float = 1.0
     max_steps: int = 0
     batch_size: int = 16              # sequences per optimizer step
-    micro_batch_size: int = 0
+    micro_batch_size: int = 0         # padded: sequences per forward; 0: the largest that fits
+    max_tokens_per_micro_batch: int = 16384  # packed modes: the positions of one forward
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     thinking: str = "Let me look at the image."  # <think> text when a row has no "thinking"
@@ -161,6 +174,8 @@ CHOICES = {
     # No fp16: training it needs loss scaling, which the trainer does not do.
     "model.dtype": ("auto", "bf16", "fp32"),
     "model.impl": ("auto", "triton", "torch", "naive"),
+    "model.packing": ("shared_prefix", "packed", "padded"),
+    "model.attention": ("auto", "sdpa", "flex", "varlen"),
     "grpo.lr_schedule": ("constant", "linear", "cosine"),
     "sft.lr_schedule": ("constant", "linear", "cosine"),
     "grpo.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
@@ -181,7 +196,8 @@ NON_NEGATIVE = ("grpo.lr", "sft.lr", "grpo.epochs",
                 "sft.micro_batch_size", "data.limit", "eval.limit", "grpo.sft_warmup_steps",
                 "grpo.weight_decay", "sft.weight_decay", "grpo.max_grad_norm",
                 "sft.max_grad_norm", "log.eval_every",
-                "vllm.max_num_seqs")
+                "vllm.max_num_seqs", "grpo.max_tokens_per_micro_batch",
+                "sft.max_tokens_per_micro_batch")
 
 
 # key: (low, high, low inclusive, high inclusive)
@@ -282,6 +298,13 @@ def validate(cfg: Config) -> None:
     if cfg.vllm.sleep_level == 2 and cfg.vllm.sync_every != 1:
         raise UsageError("config key vllm.sync_every: a level-2 sleep drops the engine's weights, "
                          f"so they must be pushed every step (1), got {cfg.vllm.sync_every}")
+    if cfg.model.attention in ("flex", "varlen") and cfg.model.packing == "padded":
+        raise UsageError(f"config key model.attention: {cfg.model.attention} runs the packed "
+                         "layouts only; model.packing=padded uses the model's own attention",
+                         fix="model.attention=auto, or model.packing=shared_prefix")
+    if cfg.model.attention == "varlen" and cfg.model.packing != "packed":
+        raise UsageError("config key model.attention: varlen (flash-attn) runs plain packing "
+                         f"only; with model.packing={cfg.model.packing} use auto, sdpa or flex")
     if cfg.grpo.num_generations < 2:
         raise UsageError("config key grpo.num_generations: GRPO needs a group of >= 2 "
                          f"completions, got {cfg.grpo.num_generations}")

@@ -64,6 +64,15 @@ class World:
             dist.all_reduce(x, op=dist.ReduceOp.SUM)
         return x
 
+    def max(self, n: int) -> int:
+        """The largest of every rank's int `n` (n itself in a single process)."""
+        if not self.distributed:
+            return n
+        box = torch.tensor([n], dtype=torch.long,
+                           device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        return int(box.item())
+
     def gather(self, obj) -> list:
         """Every rank's `obj` (a small picklable value), in rank order, on every rank."""
         if not self.distributed:

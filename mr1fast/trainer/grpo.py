@@ -19,6 +19,7 @@ or gradient norm (which skips the optimizer step) in Run.optimizer_step.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -37,7 +38,8 @@ from .distributed import World, full_tensors, shard
 from .errors import UserError
 from .evaluate import evaluate_tasks, print_results
 from .metrics import device_peak_mb
-from .model import Policy, completion_hidden, encode_images, lm_head_weight, load_model
+from .forward import StepBatch
+from .model import Policy, encode_images, lm_head_weight, load_model
 from .rewards import RewardResult, RewardRunner
 from .run import MicroBatchFit, Run, distributed_run, log, setup, total_steps
 from .sft import train_sft
@@ -73,7 +75,7 @@ def _train_grpo(cfg: Config, world: World, device: torch.device, on_step) -> dic
     resume_from = world.broadcast(latest_checkpoint(s.run_dir, log) if world.is_main else None)
     if resume_from is None and g.sft_warmup_steps > 0:
         train_sft(cfg, policy, encoder, s.train_set, steps=g.sft_warmup_steps,
-                  run_dir=warmup_dir, world=world)
+                  run_dir=warmup_dir, world=world, packing=s.packing, attention=s.attention)
         results["after_sft"] = evaluate_tasks(cfg, gen.refresh(policy), encoder, world)
         print_results("after SFT warm-up", results["after_sft"], world)
     order = DataOrder(len(s.train_set), g.prompts_per_step, cfg.seed)
@@ -95,8 +97,11 @@ def _train_grpo(cfg: Config, world: World, device: torch.device, on_step) -> dic
         params = SamplingParams(max_new_tokens=g.max_completion_length,
                                 temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                                 ignore_eos=g.ignore_eos)
-        # Under FSDP every rank must run the same passes: no out-of-memory retries there.
-        fit = MicroBatchFit(g.micro_batch_size, retry=not world.distributed)
+        # Micro-batches: completions (padded) or packed positions. Under FSDP every rank must
+        # run the same passes: no out-of-memory retries there.
+        fit = MicroBatchFit(g.micro_batch_size if s.packing == "padded"
+                            else g.max_tokens_per_micro_batch, retry=not world.distributed)
+        merge = policy.model.config.vision_config.spatial_merge_size
         vocab = lm_head_weight(policy.model).shape[0]
         metrics: dict = {}
 
@@ -131,8 +136,8 @@ def _train_grpo(cfg: Config, world: World, device: torch.device, on_step) -> dic
             if cfg.model.freeze_vision:
                 with torch.no_grad():
                     features = policy(encode_images, prompts)
-            batch = StepBatch(prompts, rollout, features)
-            trainer_logp = batch.logprobs(policy, fit, cfg.model.impl, g.temperature) \
+            batch = StepBatch(prompts, rollout, features, s.packing, s.attention, merge, world)
+            trainer_logp = logprobs(batch, policy, fit, cfg.model.impl, g.temperature) \
                 if mu > 1 or use_is else None
             old_logp = trainer_logp if mu > 1 else None
             is_weights, is_stats = None, {}
@@ -140,7 +145,7 @@ def _train_grpo(cfg: Config, world: World, device: torch.device, on_step) -> dic
                 is_weights, is_stats = importance_weights(
                     trainer_logp, rollout.logprobs, mask, level=cfg.vllm.importance_sampling,
                     mode=cfg.vllm.is_mode, cap=cfg.vllm.is_cap)
-            ref_logp = batch.logprobs(ref, fit, cfg.model.impl, g.temperature) \
+            ref_logp = logprobs(batch, ref, fit, cfg.model.impl, g.temperature) \
                 if ref is not None else None
             t_ref = time.perf_counter()
 
@@ -148,24 +153,30 @@ def _train_grpo(cfg: Config, world: World, device: torch.device, on_step) -> dic
             for u in range(mu):
                 opt_step = step * mu + u
                 beta, lr = beta_at(opt_step), run.set_lr(opt_step)
-                for attempt in fit.attempts(len(ids), on_retry=run.zero_grad):
+                for attempt in fit.attempts(batch.units(), on_retry=run.zero_grad,
+                                            split=batch.split):
                     with attempt:
                         sums = {k: torch.zeros((), device=device) for k in STATS}
-                        for rows in attempt.micro_batches:
+                        for mb in attempt.micro_batches:
+                            take = functools.partial(batch.take, mb=mb)
                             loss, stats = policy(lambda m: grpo_loss(
-                                batch.hidden(m, rows), lm_head_weight(m), ids[rows],
-                                advantages[rows], mask=mask[rows], old_logp=at(old_logp, rows),
-                                ref_logp=at(ref_logp, rows),
-                                importance_weights=at(is_weights, rows), beta=beta,
+                                batch.hidden(m, mb), lm_head_weight(m), take(ids),
+                                batch.rows(advantages, mb), mask=take(mask),
+                                old_logp=take(old_logp), ref_logp=take(ref_logp),
+                                importance_weights=take(is_weights), beta=beta,
                                 eps_low=g.eps_low, eps_high=g.eps_high,
                                 temperature=g.temperature, loss_type=g.loss_type,
                                 max_completion_length=g.max_completion_length,
-                                return_entropy=True, impl=cfg.model.impl, check_values=False))
-                            weight = micro_batch_weight(g.loss_type, mask[rows],
+                                cu_seqlens=batch.cu_seqlens(mb), return_entropy=True,
+                                impl=cfg.model.impl, check_values=False))
+                            weight = micro_batch_weight(g.loss_type, take(mask),
                                                         total_sequences=g.prompts_per_step * G,
-                                                        total_tokens=total_tokens)
+                                                        total_tokens=total_tokens,
+                                                        sequences=mb.count)
+                            if not mb.real:  # a pass for the collectives only
+                                weight = weight * 0.0
                             (loss * weight).backward()
-                            share = mask[rows].sum() / total_tokens.clamp(min=1.0)
+                            share = take(mask).sum() / total_tokens.clamp(min=1.0) * mb.real
                             sums["loss"] = sums["loss"] + loss.detach() * weight
                             for k in STATS[1:]:
                                 sums[k] = sums[k] + stats[k] * share
@@ -183,6 +194,7 @@ def _train_grpo(cfg: Config, world: World, device: torch.device, on_step) -> dic
             all_rewards = torch.tensor(everyone.total)
             seconds = t_end - t0
             summed = world.sum(torch.stack([sums[k] for k in STATS]).reshape(-1).clone())
+            layouts = world.gather((batch.positions, batch.pack_s))
             metrics = {
                 "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
                 "acc_reward": everyone.mean([n for n in names if "accuracy" in n]),
@@ -194,6 +206,9 @@ def _train_grpo(cfg: Config, world: World, device: torch.device, on_step) -> dic
                 "rollout_s": t_rollout - t0, "reward_s": t_reward - t_rollout,
                 "ref_s": t_ref - t_reward, "update_s": t_update - t_ref,
                 "sync_s": t_end - t_update,
+                # One pass over the step: the positions the language model computed (all
+                # ranks), and the host time the packed layouts took (packing.py, csrc/).
+                "positions": sum(p for p, _ in layouts), "pack_s": max(t for _, t in layouts),
                 "reward_failures": sum(world.gather(sum(rewards.failures.values()))),
                 **{f"reward/{n}": everyone.mean([n]) for n in names}}
             all_is = world.gather(is_stats)  # importance-weight stats: the mean over ranks
@@ -227,7 +242,8 @@ def reference_model(cfg: Config, s, warmup_dir):
                         f"({problem})",
                         fix=f"delete {s.run_dir} (or use another --output-dir) to redo the "
                             "warm-up")
-    ref = Policy(load_model(str(path), device=s.device, dtype=s.dtype, trainable=False))
+    ref = Policy(load_model(str(path), device=s.device, dtype=s.dtype, trainable=False,
+                            packing=s.packing))
     if s.world.distributed:
         shard(ref, s.world, compute_dtype=s.dtype, master_dtype=s.dtype,
               cpu_offload=cfg.dist.reference == "offload")
@@ -258,45 +274,22 @@ def prompt_seed(seed: int, step: int, example: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def at(x: Optional[torch.Tensor], rows: slice) -> Optional[torch.Tensor]:
-    return None if x is None else x[rows]
-
-
-@dataclass
-class StepBatch:
-    """One step's prompts and rollout, with the frozen vision tower's image features per
-    prompt (None: the tower trains, and each pass encodes the images again)."""
-    prompts: PromptBatch
-    rollout: Rollout
-    features: Optional[tuple]
-
-    def hidden(self, model, rows: slice) -> torch.Tensor:
-        """Final hidden states [b, C, d] of the completions `rows` under `model`; each distinct
-        prompt's image is encoded once (or taken from `features`)."""
-        r = self.rollout
-        unique, local = torch.unique(r.prompt_index[rows], return_inverse=True)
-        sub = self.prompts.select(unique)
-        feats = [self.features[i] for i in self.prompts.image_rows(unique.tolist())] \
-            if self.features is not None \
-            else encode_images(model, sub)
-        return completion_hidden(model, sub, feats, local, r.completion_ids[rows],
-                                 r.completion_mask[rows])
-
-    @torch.no_grad()
-    def logprobs(self, policy, fit: MicroBatchFit, impl: str, temperature: float
-                 ) -> torch.Tensor:
-        """fp32 per-token log-probs [B, C] of the rollout under `policy` (a Policy wrapper),
-        0 where masked."""
-        r = self.rollout
-        out = torch.zeros_like(r.logprobs)
-        for attempt in fit.attempts(len(out)):
-            with attempt:
-                for rows in attempt.micro_batches:
-                    logp = policy(lambda m: token_logprobs(
-                        self.hidden(m, rows), lm_head_weight(m), r.completion_ids[rows],
-                        temperature=temperature, impl=impl, check_values=False))
-                    out[rows] = torch.where(r.completion_mask[rows] > 0, logp, 0.0)
-        return out
+@torch.no_grad()
+def logprobs(batch: StepBatch, policy, fit: MicroBatchFit, impl: str, temperature: float
+             ) -> torch.Tensor:
+    """fp32 per-token log-probs [B, C] of the batch's completions under `policy` (a Policy
+    wrapper), 0 where masked."""
+    r = batch.rollout
+    out = torch.zeros_like(r.logprobs)
+    for attempt in fit.attempts(batch.units(), split=batch.split):
+        with attempt:
+            for mb in attempt.micro_batches:
+                logp = policy(lambda m: token_logprobs(
+                    batch.hidden(m, mb), lm_head_weight(m), batch.take(r.completion_ids, mb),
+                    temperature=temperature, impl=impl, check_values=False))
+                if mb.real:
+                    batch.put(out, mb, logp)
+    return out
 
 
 def make_sampler(cfg: Config, model, encoder, model_path: str, dtype: torch.dtype,

@@ -59,8 +59,9 @@ PRESETS = {
     # takes), a 1-block vision tower; a 112x112 image becomes 16 image tokens.
     "tiny": _TINY,
     # The tiny model with Qwen2-VL's vocabulary (151936): the LM head and the loss then take
-    # their realistic share of a step (~9.7 M of its ~10 M parameters). For benchmarks.
-    "tiny-v152k": dict(_TINY, model_vocab=151936),
+    # their realistic share of a step (~9.7 M of its ~10 M parameters). For benchmarks; its
+    # processor takes images up to 448x448 (256 image tokens), as R1-V's prompts have them.
+    "tiny-v152k": dict(_TINY, model_vocab=151936, max_pixels=448 * 448),
     # Qwen2-VL-2B-Instruct's dimensions (~2.2 B parameters) with random weights, saved in bf16:
     # GPU benchmarks without hub access. 448x448 images become 256 image tokens.
     "qwen2-vl-2b": dict(vocab_size=1024, model_vocab=151936, hidden_size=1536,
@@ -253,6 +254,23 @@ class Policy(torch.nn.Module):
 
     def forward(self, fn, *args, **kwargs):
         return fn(self.model, *args, **kwargs)
+
+
+PACKABLE = ("qwen2_vl", "qwen2_5_vl")  # model types whose position ids packing.py computes
+
+
+def packing_mode(requested: str, name_or_path: str, log: Callable[[str], None] = print) -> str:
+    """model.packing as it will run: padded for a model type packing.py does not know."""
+    if requested == "padded":
+        return requested
+    from transformers import AutoConfig
+
+    kind = getattr(AutoConfig.from_pretrained(name_or_path), "model_type", None)
+    if kind not in PACKABLE:
+        log(f"model.packing={requested}: not available for model type {kind!r} (only "
+            f"{', '.join(PACKABLE)}); running padded")
+        return "padded"
+    return requested
 
 
 def vision_tower(model) -> torch.nn.Module:

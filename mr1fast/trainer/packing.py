@@ -261,13 +261,48 @@ def pack(prompts: PromptBatch, layout: PromptLayout, completion_ids: torch.Tenso
 # Masks and the forward.
 
 def dense_mask(packing: Packing) -> torch.Tensor:
-    """[1, 1, T, T] bool, True where a query (row) may attend to a key (column): the same
-    segment, not later, and a prompt key or a key of the query's own completion."""
+    """[1, 1, T, T] bool over the packed row, True where a query (row) may attend to a key
+    (column): the same segment, not later, and a prompt key or a key of the query's own
+    completion."""
     q = torch.arange(packing.length, device=packing.segment.device)
     seg, kind = packing.segment, packing.kind
     allowed = (seg[:, None] == seg[None, :]) & (q[None, :] <= q[:, None]) & \
         ((kind[None, :] == -1) | (kind[None, :] == kind[:, None]))
     return allowed[None, None]
+
+
+@dataclass
+class SegmentRows:
+    """The packed row cut at its segment boundaries into S rows of the longest segment's
+    length (the SDPA layout: attention costs sum over rows of T_row^2, not T^2; no padding
+    inside a segment). gather [S, W]: each cell's position in the packed row (0 in padding);
+    valid [S, W]; pick [n]: each predictor's cell in the flattened [S * W]."""
+    gather: torch.Tensor
+    valid: torch.Tensor
+    pick: torch.Tensor
+
+    @classmethod
+    def of(cls, packing: Packing) -> "SegmentRows":
+        starts = packing.seq_cu[:-1].long()
+        width = packing.max_seqlen
+        cells = starts[:, None] + torch.arange(width, device=starts.device)[None]
+        valid = cells < packing.seq_cu[1:].long()[:, None]
+        offset = torch.arange(packing.length, device=starts.device) - starts[packing.segment]
+        cell_of = packing.segment * width + offset
+        return cls(torch.where(valid, cells, 0), valid, cell_of[packing.predictors])
+
+    def mask(self, packing: Packing) -> torch.Tensor:
+        """[S, 1, W, W] bool: the dense rule within each row; a padding cell attends to
+        itself only (no empty softmax row)."""
+        kind = torch.where(self.valid, packing.kind[self.gather], -2)
+        W = kind.shape[1]
+        q = torch.arange(W, device=kind.device)
+        causal = q[None, :] <= q[:, None]
+        allowed = causal & self.valid[:, None, :] & \
+            ((kind[:, None, :] == -1) | (kind[:, None, :] == kind[:, :, None]))
+        allowed = allowed | (~self.valid[:, :, None] & torch.eye(W, dtype=torch.bool,
+                                                                  device=kind.device))
+        return allowed[:, None]
 
 
 def block_mask(packing: Packing):
@@ -297,8 +332,34 @@ def default_backend(device: torch.device, shared: bool) -> str:
     return "flex"
 
 
+def resolve_backend(attention: str, device: torch.device, mode: str) -> str:
+    """model.attention as the backend that will run, or a UsageError saying why it cannot."""
+    from .errors import UsageError
+
+    shared = mode == "shared_prefix"
+    if attention == "auto":
+        return default_backend(device, shared)
+    if attention == "flex" and device.type != "cuda":
+        raise UsageError("model.attention=flex: torch's FlexAttention has no backward on the "
+                         "CPU", fix="use model.attention=auto (sdpa on the CPU)")
+    if attention == "varlen":
+        if shared:
+            raise UsageError("model.attention=varlen runs plain packing only",
+                             fix="model.packing=packed, or model.attention=auto")
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise UsageError("model.attention=varlen needs flash-attn (pip install flash-attn "
+                             "on a CUDA machine)", fix="or model.attention=auto") from None
+        if device.type != "cuda":
+            raise UsageError("model.attention=varlen needs a CUDA device",
+                             fix="model.attention=auto")
+    return attention
+
+
 def attention_inputs(packing: Packing, backend: str) -> dict:
-    """The attention arguments of the language model's forward over `packing`."""
+    """The attention arguments of the language model's forward over the packed row (flex,
+    varlen; sdpa: over the packed row in one, as a check of the rows layout)."""
     if backend == "sdpa":
         return {"attention_mask": {"full_attention": dense_mask(packing)}}
     if backend == "flex":
@@ -314,10 +375,11 @@ def attention_inputs(packing: Packing, backend: str) -> dict:
 
 
 def packed_hidden(model, prompts: PromptBatch, features: Optional[Sequence[torch.Tensor]],
-                  packing: Packing, backend: str = "sdpa") -> torch.Tensor:
-    """Hidden states [1, n, d] that predict the packed completion tokens, from one forward
-    over the packed row. `features`: encode_images' output for `prompts` (None: the segments'
-    images are encoded here, each once)."""
+                  packing: Packing, backend: str = "sdpa", rows: bool = True) -> torch.Tensor:
+    """Hidden states [1, n, d] that predict the packed completion tokens, from one forward.
+    `features`: encode_images' output for `prompts` (None: the segments' images are encoded
+    here, each once). sdpa runs the segments as rows (SegmentRows; rows=False: the packed row
+    with a [T, T] mask); flex and varlen the packed row."""
     from .model import encode_images, image_inputs
 
     seg_prompts = packing.prompts
@@ -329,12 +391,24 @@ def packed_hidden(model, prompts: PromptBatch, features: Optional[Sequence[torch
         images = image_inputs(sub, feats, [where[p] for p in seg_prompts])
     else:
         images = image_inputs(prompts, features, seg_prompts)
-    ids = packing.input_ids
-    out = model.model(input_ids=ids, position_ids=packing.position_ids,
-                      mm_token_type_ids=((ids == prompts.image_token_id)
-                                         & (packing.kind == -1)).int(),
-                      use_cache=False, **attention_inputs(packing, backend), **images)
-    return out.last_hidden_state[:, packing.predictors]
+    ids, positions = packing.input_ids[0], packing.position_ids[:, 0]
+    in_prompt = packing.kind == -1
+    if backend == "sdpa" and rows:
+        cut = SegmentRows.of(packing)
+        ids = torch.where(cut.valid, ids[cut.gather], prompts.pad_token_id)
+        positions = torch.where(cut.valid, positions[:, cut.gather], 0)
+        in_prompt = cut.valid & in_prompt[cut.gather]
+        attention = {"attention_mask": {"full_attention": cut.mask(packing)}}
+        pick = cut.pick
+    else:
+        ids, positions, in_prompt = ids[None], positions[:, None], in_prompt[None]
+        attention = attention_inputs(packing, backend)
+        pick = packing.predictors
+    out = model.model(input_ids=ids, position_ids=positions,
+                      mm_token_type_ids=((ids == prompts.image_token_id) & in_prompt).int(),
+                      use_cache=False, **attention, **images)
+    d = out.last_hidden_state.shape[-1]
+    return out.last_hidden_state.reshape(-1, d)[pick][None]
 
 
 # ---------------------------------------------------------------------------------------------

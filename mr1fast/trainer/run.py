@@ -36,7 +36,9 @@ from .data import DataOrder, Example, load_task
 from .distributed import World, init_world, local, shard, shutdown
 from .errors import UsageError
 from .metrics import MetricsLogger, Progress, plot_metrics
-from .model import Policy, PromptEncoder, load_encoder, load_model, model_dtype, resolve_model
+from .model import (Policy, PromptEncoder, load_encoder, load_model, model_dtype, packing_mode,
+                    resolve_model)
+from .packing import resolve_backend
 from .preflight import (check_device, check_disk, check_model, check_rewards, checkpoint_bytes,
                         claim_output_dir, rows_per_step)
 
@@ -57,6 +59,8 @@ class Setup:
     device: torch.device
     dtype: torch.dtype         # the compute dtype (the weights' dtype in one process)
     world: World
+    packing: str = "padded"    # model.packing as it runs (packing_mode)
+    attention: str = "sdpa"    # the packed forwards' attention backend (resolve_backend)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -125,16 +129,19 @@ def setup(cfg: Config, world: World, device: torch.device, *, per_step: dict,
         save_config(cfg, run_dir / "config.yaml")
         if device.type == "cuda":
             log(plan_line(cfg, model_path, world.size, device))
+    packing = packing_mode(cfg.model.packing, model_path, lambda m: log(m, world))
+    attention = resolve_backend(cfg.model.attention, device, packing)
     torch.manual_seed(cfg.seed)
     # Under FSDP the sharded parameters are the fp32 masters; compute runs in `dtype`.
     model = load_model(model_path, device=device,
                        dtype=torch.float32 if world.distributed else dtype,
                        gradient_checkpointing=cfg.model.gradient_checkpointing,
-                       freeze_vision=cfg.model.freeze_vision)
+                       freeze_vision=cfg.model.freeze_vision, packing=packing)
     policy = Policy(model)
     if world.distributed:
         shard(policy, world, compute_dtype=dtype, cpu_offload=cfg.dist.cpu_offload)
-    return Setup(run_dir, model_path, encoder, policy, train_set, device, dtype, world)
+    return Setup(run_dir, model_path, encoder, policy, train_set, device, dtype, world,
+                 packing, attention)
 
 
 def plan_line(cfg: Config, model_path: str, nproc: int, device: torch.device) -> str:
@@ -342,30 +349,38 @@ def micro_batches(n: int, size: int) -> list[slice]:
 class MicroBatchFit:
     """Micro-batches of the configured size, or (size 0) the largest that fits: the whole
     batch first, halved on each CUDA out-of-memory error; the size found is kept. retry=False
-    (several processes, which must run the same passes) lets the error through.
+    (several processes, which must run the same passes) lets the error through. The size is in
+    whatever unit `split` takes (completions, or packed positions: forward.StepBatch.split);
+    without a split, n rows in consecutive slices.
 
-        for attempt in fit.attempts(n, on_retry=run.zero_grad):
+        for attempt in fit.attempts(n, on_retry=run.zero_grad, split=batch.split):
             with attempt:                         # an out-of-memory error ends this attempt
-                for idx in attempt.micro_batches:
+                for mb in attempt.micro_batches:
                     ...
     """
 
     def __init__(self, size: int, retry: bool = True):
         self.size, self.retry = size, retry
 
-    def attempts(self, n: int, on_retry=None):
+    def attempts(self, n: int, on_retry=None, split=None):
         while True:
-            attempt = _Attempt(self, n, on_retry)
+            attempt = _Attempt(self, n, on_retry, split)
             yield attempt
             if attempt.done:
                 return
 
 
 class _Attempt:
-    def __init__(self, fit: MicroBatchFit, n: int, on_retry):
+    def __init__(self, fit: MicroBatchFit, n: int, on_retry, split):
         self.fit, self.on_retry, self.done = fit, on_retry, False
         self.size = n if fit.size <= 0 else min(fit.size, n)
-        self.micro_batches = micro_batches(n, self.size)
+        self.micro_batches = split(self.size) if split is not None \
+            else micro_batches(n, self.size)
+
+    def _smallest(self) -> bool:
+        """Every micro-batch holds one completion: nothing left to halve."""
+        return all((m.count if hasattr(m, "count") else m.stop - m.start) <= 1
+                   for m in self.micro_batches)
 
     def __enter__(self) -> "_Attempt":
         return self
@@ -374,8 +389,8 @@ class _Attempt:
         if kind is None:
             self.done = True
             return False
-        if not issubclass(kind, torch.cuda.OutOfMemoryError) or self.size == 1 or \
-                not self.fit.retry:
+        if not issubclass(kind, torch.cuda.OutOfMemoryError) or self.size <= 1 or \
+                self._smallest() or not self.fit.retry:
             return False
         self.fit.size = self.size // 2
         log(f"out of memory with micro-batches of {self.size}; retrying with {self.fit.size}")

@@ -18,7 +18,9 @@ from .config import Config
 from .data import DataOrder, Example, answer_text
 from .distributed import World
 from .evaluate import evaluate_tasks, print_results
-from .model import PromptEncoder, completion_hidden, encode_images, lm_head_weight, load_model
+from ..rollout.sampler import Rollout
+from .forward import StepBatch
+from .model import PromptEncoder, lm_head_weight, load_model
 from .run import MicroBatchFit, Run, distributed_run, log, setup, total_steps
 
 
@@ -42,15 +44,17 @@ def encode_targets(encoder: PromptEncoder, texts: list[str], device) -> tuple[to
 
 
 def train_sft(cfg: Config, policy, encoder: PromptEncoder, train_set: list[Example], *,
-              steps: int, run_dir: Path, world: World = World(),
-              resumable: bool = False) -> dict:
+              steps: int, run_dir: Path, world: World = World(), resumable: bool = False,
+              packing: str = "padded", attention: str = "sdpa") -> dict:
     """`steps` optimizer steps of SFT on `policy` (a Policy wrapper; sharded under torchrun) in
     place; metrics (and, when resumable, checkpoints) go to run_dir, the final model to
     run_dir/checkpoints/final (a Hugging Face checkpoint). Loss: the mean NLL of the global
     batch's target tokens; each rank takes its share of every batch."""
     device = next(policy.parameters()).device
     order = DataOrder(len(train_set), cfg.sft.batch_size, cfg.seed + 1)
-    fit = MicroBatchFit(cfg.sft.micro_batch_size, retry=not world.distributed)
+    fit = MicroBatchFit(cfg.sft.micro_batch_size if packing == "padded"
+                        else cfg.sft.max_tokens_per_micro_batch, retry=not world.distributed)
+    merge = policy.model.config.vision_config.spatial_merge_size
     metrics: dict = {}
     resume_from = world.broadcast(latest_checkpoint(run_dir, log) if resumable and world.is_main
                                   else None)
@@ -65,14 +69,18 @@ def train_sft(cfg: Config, policy, encoder: PromptEncoder, train_set: list[Examp
             ids, mask = encode_targets(
                 encoder, [sft_target(e, cfg.sft.thinking) for e in examples], device)
             total_tokens = world.sum(mask.sum().clone())
-            for attempt in fit.attempts(len(examples), on_retry=run.zero_grad):
+            targets = Rollout(ids, mask, torch.zeros_like(mask), torch.arange(len(examples)))
+            batch = StepBatch(prompts, targets, None, packing, attention, merge, world)
+            for attempt in fit.attempts(batch.units(), on_retry=run.zero_grad,
+                                        split=batch.split):
                 with attempt:
                     loss = torch.zeros((), device=device)
-                    for rows in attempt.micro_batches:
+                    for mb in attempt.micro_batches:
                         logp = policy(lambda m: token_logprobs(
-                            target_hidden(m, prompts, ids, mask, rows), lm_head_weight(m),
-                            ids[rows], impl=cfg.model.impl, check_values=False))
-                        micro = -torch.where(mask[rows] > 0, logp, 0.0).sum() / total_tokens
+                            batch.hidden(m, mb), lm_head_weight(m), batch.take(ids, mb),
+                            impl=cfg.model.impl, check_values=False))
+                        nll = -torch.where(batch.take(mask, mb) > 0, logp, 0.0).sum()
+                        micro = nll / total_tokens * mb.real
                         micro.backward()
                         loss = loss + micro.detach()
             _, grad_norm = run.optimizer_step(loss)
@@ -83,13 +91,6 @@ def train_sft(cfg: Config, policy, encoder: PromptEncoder, train_set: list[Examp
     return metrics
 
 
-def target_hidden(model, prompts, ids, mask, rows: slice) -> torch.Tensor:
-    """Hidden states [b, C, d] that predict the target tokens of the examples `rows`."""
-    sub = prompts.select(torch.arange(len(prompts))[rows])
-    return completion_hidden(model, sub, encode_images(model, sub), torch.arange(len(sub)),
-                             ids[rows], mask[rows])
-
-
 def run_sft(cfg: Config) -> dict:
     """`mr1fast sft`: the SFT baseline as configured, resumable, evaluated at the end; in one
     process or sharded under torchrun. The output folder is locked for the run."""
@@ -98,7 +99,8 @@ def run_sft(cfg: Config) -> dict:
         steps = total_steps(len(s.train_set), cfg.sft.batch_size, cfg.sft.epochs,
                             cfg.sft.max_steps)
         metrics = train_sft(cfg, s.policy, s.encoder, s.train_set, steps=steps,
-                            run_dir=s.run_dir, world=world, resumable=True)
+                            run_dir=s.run_dir, world=world, resumable=True,
+                            packing=s.packing, attention=s.attention)
         final = s.model if not world.distributed else load_model(
             str(s.run_dir / "checkpoints" / "final"), device=device, dtype=s.dtype,
             trainable=False)
