@@ -5,7 +5,7 @@
   mr1fast eval  [--config FILE.yaml] [--output-dir DIR] [section.key=value ...]   cross-task matrix
   mr1fast export CHECKPOINT OUT [--dtype auto|bf16|fp32]     a Hugging Face checkpoint
   mr1fast plan [--config FILE.yaml] [--nproc N] [--gpu-gb G]  memory and traffic per process
-  mr1fast init-model [--preset tiny|tiny-v152k|qwen2-vl-2b] OUT          random-weight Qwen2-VL
+  mr1fast init-model [--preset tiny|tiny-v152k|small|qwen2-vl-2b] OUT    random-weight Qwen2-VL
   mr1fast demo | bench [step|rollout|packing]  toy loss demo | kernel suite (step, rollout,
                                                the packing data path)
 
@@ -200,8 +200,8 @@ def main(argv=None) -> int:
                        "local model, or a benchmark preset)", parents=[common])
     m.add_argument("out")
     m.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                   help="tiny | tiny-v152k (Qwen's vocabulary) | qwen2-vl-2b (Qwen2-VL-2B's "
-                        "dimensions)")
+                   help="tiny | tiny-v152k (Qwen's vocabulary) | small (decoder-bound, as "
+                        "real VLMs) | qwen2-vl-2b / qwen2-vl-7b (the real dimensions)")
     m.add_argument("--seed", type=int, default=0)
     d = sub.add_parser("demo", help="train a toy policy with the fused GRPO-D loss",
                        parents=[common])

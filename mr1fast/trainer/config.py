@@ -27,7 +27,7 @@ GRPO_D_DEFAULT = {"kind": "grpo_d", "beta_min": 0.04, "beta_max": 0.1, "explore_
 @dataclass
 class ModelConfig:
     name: str = "Qwen/Qwen2-VL-2B-Instruct"  # hub id, local path, or a random-weight preset
-                                             # (model.PRESETS: tiny, tiny-v152k, qwen2-vl-2b)
+                                             # (model.PRESETS: tiny, tiny-v152k, small, ...)
     dtype: str = "auto"                      # auto (bf16 on GPU, fp32 on CPU), bf16, fp32
     device: str = "auto"
     gradient_checkpointing: bool = True

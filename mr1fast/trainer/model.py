@@ -62,6 +62,13 @@ PRESETS = {
     # their realistic share of a step (~9.7 M of its ~10 M parameters). For benchmarks; its
     # processor takes images up to 448x448 (256 image tokens), as R1-V's prompts have them.
     "tiny-v152k": dict(_TINY, model_vocab=151936, max_pixels=448 * 448),
+    # ~5 M parameters whose decoder layers cost ~7.5x the LM head per position, as
+    # Qwen2-VL-2B's cost ~5.6x (tiny-v152k is LM-head-bound: 2 layers of width 64 against
+    # 151936 rows): the regime where the prompt's share of the positions sets the step's cost,
+    # small enough for CPU benchmarks. 448x448 images.
+    "small": dict(_TINY, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, model_vocab=2048,
+                  max_pixels=448 * 448),
     # Qwen2-VL-2B-Instruct's dimensions (~2.2 B parameters) with random weights, saved in bf16:
     # GPU benchmarks without hub access. 448x448 images become 256 image tokens.
     "qwen2-vl-2b": dict(vocab_size=1024, model_vocab=151936, hidden_size=1536,
@@ -82,7 +89,7 @@ HUB_DIMENSIONS = {"Qwen/Qwen2-VL-2B-Instruct": "qwen2-vl-2b",
 
 
 def resolve_model(name: str, cfg, log: Callable[[str], None] = print) -> str:
-    """A preset name (PRESETS: tiny, tiny-v152k, qwen2-vl-2b) is a random-weight Qwen2-VL built
+    """A preset name (PRESETS: tiny, tiny-v152k, small, qwen2-vl-2b, qwen2-vl-7b) is a random-weight Qwen2-VL built
     once into the cache (cfg.cache_dir, seed cfg.seed); anything else is a hub id or a local
     path, passed through."""
     if name not in PRESETS:
