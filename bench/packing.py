@@ -86,7 +86,19 @@ def measure(args) -> dict:
     if pk.native() is None:
         raise SystemExit("the native extension is not built (bash setup.sh builds it where a "
                          "compiler exists); nothing to compare")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _measure(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(args) -> dict:
+    import torch
+
+    from mr1fast.trainer import packing as pk
+
     ids, mask, grid = prompts(args.prompts, args.seed)
     model = rope_model()
     out = {}

@@ -30,6 +30,18 @@ def test_benchmark_presets_have_the_intended_sizes():
     assert params_of("tiny") < 1_000_000
     # tiny-v152k: the tiny model with Qwen's 151936-row (tied) embedding / LM head.
     assert params_of("tiny-v152k") - params_of("tiny") == (151936 - 1024) * 64
+    # small: decoder-bound like the real models (layers / LM head per position).
+    def layers_over_head(preset):
+        from transformers import Qwen2VLForConditionalGeneration
+
+        config = preset_config(preset, {t: i for i, t in enumerate(SPECIAL_TOKENS)}, 1024)
+        with torch.device("meta"):
+            m = Qwen2VLForConditionalGeneration(config)
+        layers = sum(p.numel() for p in m.model.language_model.layers.parameters())
+        return layers / m.lm_head.weight.numel()
+
+    assert layers_over_head("tiny-v152k") < 0.01
+    assert 5 < layers_over_head("small") < 10 and 5 < layers_over_head("qwen2-vl-2b") < 6
     # qwen2-vl-2b: exactly Qwen2-VL-2B-Instruct's parameter count.
     assert params_of("qwen2-vl-2b") == 2_208_985_600
 

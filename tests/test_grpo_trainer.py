@@ -239,6 +239,26 @@ def test_micro_batch_fit_halves_on_out_of_memory():
                 raise ValueError("not memory")
 
 
+def test_micro_batch_fit_halves_a_token_budget_down_to_single_completions():
+    """Packed layouts: the budget (positions) halves on each out-of-memory error until every
+    micro-batch holds one completion; then the error goes through."""
+    from mr1fast.trainer.forward import MicroBatch
+    from mr1fast.trainer.run import MicroBatchFit
+
+    fit, seen = MicroBatchFit(0), []
+
+    def split(size):  # 100 positions per completion, 8 completions
+        per = max(1, size // 100)
+        return [MicroBatch(list(range(i, min(i + per, 8)))) for i in range(0, 8, per)]
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        for attempt in fit.attempts(800, split=split):
+            with attempt:
+                seen.append(attempt.size)
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    assert seen == [800, 400, 200, 100]
+
+
 def test_bf16_master_weights_start_from_the_warmed_up_policy(tmp_path, cache_dir):
     """bf16 weights train through fp32 masters (run.MasterWeightsAdamW). The GRPO optimizer is
     built after the SFT warm-up, so its masters copy the warmed-up policy: with lr = 0 the

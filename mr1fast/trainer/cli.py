@@ -6,8 +6,8 @@
   mr1fast export CHECKPOINT OUT [--dtype auto|bf16|fp32]     a Hugging Face checkpoint
   mr1fast plan [--config FILE.yaml] [--nproc N] [--gpu-gb G]  memory and traffic per process
   mr1fast init-model [--preset tiny|tiny-v152k|small|qwen2-vl-2b] OUT    random-weight Qwen2-VL
-  mr1fast demo | bench [step|rollout|packing]  toy loss demo | kernel suite (step, rollout,
-                                               the packing data path)
+  mr1fast demo | bench [step|layouts|packing|rollout]   toy loss demo | kernel suite (or:
+                                       the step beside TRL, layouts, packing data path, rollout)
 
 Without --config, train/sft/eval run the embedded default: the tiny local model on synthetic
 counting data (mr1fast.trainer.config.embedded_default).
@@ -72,11 +72,11 @@ def demo(steps: int, impl: str, seed: int) -> int:
 
 def bench(args: list[str]) -> int:
     """The pytest-benchmark suite; with --compare, the run is saved and checked against the
-    device's baseline (bench/compare.py). `bench step ...` / `bench rollout ...` /
-    `bench packing ...` run the end-to-end step benchmark (with TRL side by side) / the rollout
-    benchmark / the packed forwards' data path benchmark instead."""
+    device's baseline (bench/compare.py). `bench step|layouts|packing|rollout ...` run
+    bench/<name>.py instead: the end-to-end step (with TRL side by side), the reference +
+    update passes per layout, the packed forwards' data path, the rollout benchmark."""
     root = Path(__file__).resolve().parents[2]
-    if args and args[0] in ("step", "rollout", "packing"):
+    if args and args[0] in ("step", "rollout", "packing", "layouts"):
         return subprocess.call([sys.executable, str(root / "bench" / f"{args[0]}.py"),
                                 *args[1:]], cwd=root)
     check = "--compare" in args
@@ -211,7 +211,8 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="run the kernel benchmark suite (pytest-benchmark; "
                        "--compare checks it against the device's baseline); `bench step`: the "
                        "end-to-end GRPO-D step beside TRL; `bench rollout`: vLLM vs generate; "
-                       "`bench packing`: the packing data path, native vs Python")
+                       "`bench layouts`: ref + update per layout; `bench packing`: the packing "
+                       "data path, native vs Python")
     b.add_argument("pytest_args", nargs=argparse.REMAINDER)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"] and not set(argv[1:2]) & {"-h", "--help"}:

@@ -10,6 +10,9 @@ One step, read top to bottom in train_grpo:
      (a function of the optimizer step), gradients accumulated, then one clipped step;
   6. weight sync to the sampler (every vllm.sync_every steps);
   7. metrics, evaluation when due, an atomic checkpoint every log.save_every steps.
+Steps 4 and 5 run in the layout model.packing names (forward.StepBatch, packing.py): by
+default each group's prompt is computed once, its G completions packed after it without
+padding (shared_prefix), in micro-batches of grpo.max_tokens_per_micro_batch positions.
 Simplifications: the reference model is the policy at the start of GRPO (after the SFT
 warm-up, if any), frozen; with a frozen vision tower, images are encoded once per step and
 shared by every pass (each prompt's image once for its G completions in any case).
