@@ -74,3 +74,23 @@ def test_the_plan_command(capsys):
     assert "8 processes" in out and "fits a 80 GB GPU" in out and "vocabulary-parallel" in out
     assert main(["plan", "--config", recipe, "--nproc", "1"]) == 1
     assert "does NOT fit" in capsys.readouterr().out
+
+
+def test_the_layouts_set_the_activations_and_the_micro_batch(shapes):
+    """The whole batch in one micro-batch: the shared prefix holds each group's prompt once
+    (fewer activation bytes); packed equals padded at the maximum lengths. A budget of 8192
+    positions holds 8192 // (positions per completion) completions."""
+    recipe = str(ROOT / "configs" / "qwen2vl-2b-counting-grpo-d.yaml")
+    acts = {}
+    for mode in ("padded", "packed", "shared_prefix"):
+        cfg = load_config(recipe, [f"model.packing={mode}", "grpo.micro_batch_size=0",
+                                   "grpo.max_tokens_per_micro_batch=0"])
+        rows = memory_plan(cfg, 1, shapes[cfg.model.name], 1000)
+        acts[mode] = next(b for w, b in rows if w.startswith("activations"))
+        assert micro_batch(rows) == cfg.grpo.prompts_per_step * cfg.grpo.num_generations
+    assert acts["shared_prefix"] < 0.75 * acts["padded"] and acts["packed"] == acts["padded"]
+    cfg = load_config(recipe, ["grpo.max_tokens_per_micro_batch=8192"])
+    P, C, G = (cfg.data.max_prompt_length, cfg.grpo.max_completion_length,
+               cfg.grpo.num_generations)
+    assert micro_batch(memory_plan(cfg, 1, shapes[cfg.model.name], 80)) == \
+        min(cfg.grpo.prompts_per_step * G, int(8192 // (P / G + C)))

@@ -75,18 +75,34 @@ def model_shape(name_or_path: str) -> Shape:
 
 
 def memory_plan(cfg: Config, nproc: int, shape: Shape, gpu_gb: float) -> list[tuple[str, float]]:
-    """(what, bytes) per process for the GRPO recipe `cfg` on `nproc` processes. With
-    grpo.micro_batch_size 0 the micro-batch is the largest that fits `gpu_gb` (the whole local
-    batch, halved until it fits or is 1: what the trainer does on out-of-memory errors)."""
-    local_seqs = cfg.grpo.prompts_per_step * cfg.grpo.num_generations // nproc
-    micro = local_seqs if cfg.grpo.micro_batch_size <= 0 else \
-        min(cfg.grpo.micro_batch_size, local_seqs)
+    """(what, bytes) per process for the GRPO recipe `cfg` on `nproc` processes, at the worst
+    case (every prompt and completion at its maximum length). The micro-batch, in completions:
+    grpo.micro_batch_size (padded) or as many as grpo.max_tokens_per_micro_batch positions hold
+    (packed layouts); with 0, the largest that fits `gpu_gb` (the whole local batch, halved
+    until it fits or is 1: what the trainer does on out-of-memory errors)."""
+    g = cfg.grpo
+    local_seqs = g.prompts_per_step * g.num_generations // nproc
+    packed = cfg.model.packing != "padded"
+    size = g.max_tokens_per_micro_batch if packed else g.micro_batch_size
+    if size <= 0:
+        micro = local_seqs
+    elif packed:
+        micro = max(1, min(local_seqs, int(size // positions_per_completion(cfg))))
+    else:
+        micro = min(size, local_seqs)
     while True:
         rows = _rows(cfg, nproc, shape, gpu_gb, micro)
-        if cfg.grpo.micro_batch_size > 0 or micro == 1 or \
-                sum(b for _, b in rows) <= gpu_gb * GB:
+        if size > 0 or micro == 1 or sum(b for _, b in rows) <= gpu_gb * GB:
             return rows
         micro //= 2
+
+
+def positions_per_completion(cfg: Config) -> float:
+    """The positions one completion costs in a micro-batch of the layout model.packing, at the
+    maximum lengths: its prompt and itself (padded, packed), or its share of its group's one
+    prompt (shared_prefix)."""
+    P, C = cfg.data.max_prompt_length, cfg.grpo.max_completion_length
+    return P / cfg.grpo.num_generations + C if cfg.model.packing == "shared_prefix" else P + C
 
 
 def _rows(cfg: Config, nproc: int, shape: Shape, gpu_gb: float, micro: int) -> list:
@@ -117,7 +133,7 @@ def _rows(cfg: Config, nproc: int, shape: Shape, gpu_gb: float, micro: int) -> l
         rows.append(("vLLM engine (vllm.gpu_memory_utilization of the GPU)",
                      cfg.vllm.gpu_memory_utilization * gpu_gb * GB))
     seq = cfg.data.max_prompt_length + g.max_completion_length
-    tokens = micro * seq
+    tokens = int(micro * positions_per_completion(cfg))
     rows.append(("loss scratch and completion hidden states",
                  SCRATCH_BYTES + micro * g.max_completion_length * shape.hidden * 4))
     per_layer = 17 * shape.hidden * compute  # Megatron-LM: 34 * h bytes at 2-byte activations
@@ -125,12 +141,16 @@ def _rows(cfg: Config, nproc: int, shape: Shape, gpu_gb: float, micro: int) -> l
         act = tokens * (shape.layers * shape.hidden * compute + per_layer)
     else:
         act = tokens * shape.layers * per_layer
-    if not m.freeze_vision:  # ~4 patches per image token, before the merger
-        patches = 4 * micro * cfg.data.max_prompt_length
+    if not m.freeze_vision:  # ~4 patches per image token, before the merger; each prompt's
+        # images once per micro-batch
+        prompts = -(-micro // g.num_generations) if m.packing == "shared_prefix" else micro
+        patches = 4 * prompts * cfg.data.max_prompt_length
         vision_layer = 17 * shape.vision_embed * compute
         act += patches * (shape.vision_depth * shape.vision_embed * compute + vision_layer
                           if m.gradient_checkpointing else shape.vision_depth * vision_layer)
-    rows.append((f"activations (micro-batch of {micro} x {seq} tokens"
+    layout = f"micro-batch of {micro} x {seq} tokens" if m.packing == "padded" else \
+        f"micro-batch of {micro} completions, {tokens} positions {m.packing}"
+    rows.append((f"activations ({layout}"
                  f"{', checkpointed' if m.gradient_checkpointing else ''})", act))
     return rows
 
@@ -179,7 +199,7 @@ def communication(cfg: Config, nproc: int, shape: Shape, micro: int) -> dict:
 def micro_batch(rows) -> int:
     """The micro-batch size a plan settled on (from its activations row)."""
     label = next(w for w, _ in rows if w.startswith("activations"))
-    return int(label.split("micro-batch of ")[1].split(" x ")[0])
+    return int(label.split("micro-batch of ")[1].split()[0])
 
 
 def format_plan(cfg: Config, nproc: int, shape: Shape, gpu_gb: float) -> str:
