@@ -235,7 +235,9 @@ def main(argv=None) -> int:
     except torch.cuda.OutOfMemoryError as e:
         return _report(args.cmd, UserError(
             f"CUDA out of memory ({str(e).splitlines()[0][:200]})",
-            fix="micro-batches already halve down to 1 on their own: lower "
+            fix="with grpo.max_tokens_per_micro_batch=0 (packed layouts) or "
+                "grpo.micro_batch_size=0 (padded) micro-batches halve down to one completion "
+                "on their own; otherwise lower the one your layout uses. Also: lower "
                 "grpo.max_completion_length or grpo.prompts_per_step (the rollout), set "
                 "model.gradient_checkpointing=true, or use a smaller model"), debug)
     except MemoryError:
