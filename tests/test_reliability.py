@@ -108,7 +108,7 @@ def test_runtime_failures_exit_1_early_with_what_to_do(tmp_path, cache_dir, caps
         "missing model folder": ([f"model.name={tmp_path / 'nope'}"], "no such folder"),
         "folder without config.json": ([f"model.name={tmp_path}"], "has no config.json"),
         "wrong dataset schema": ([f"data.train={_jsonl(tmp_path / 'q.jsonl', [{'question': 'a', 'answer': '1'}] * 4)}"],
-                                 "a row needs R1-V's columns image, problem and solution"),
+                                 "a row needs R1-V's columns image (or images), problem and solution"),
         "empty dataset": ([f"data.train={_jsonl(tmp_path / 'e.jsonl', [])}"],
                           "the source is empty"),
         "fewer rows than a step": (["grpo.prompts_per_step=32", "data.synthetic_size=8"],
