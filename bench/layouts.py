@@ -134,16 +134,7 @@ def parse(argv=None):
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--save-results", action="store_true")
     args = ap.parse_args(argv)
-    try:
-        lo, _, hi = args.tokens.partition(":")
-        args.min_tokens, args.tokens = int(lo), int(hi or lo)
-    except ValueError:
-        ap.error(f"--tokens: expected C or LO:HI (integers), got {args.tokens!r}")
-    if not 1 <= args.min_tokens <= args.tokens:
-        ap.error(f"--tokens: expected 1 <= LO <= HI, got {args.min_tokens}:{args.tokens}")
-    for k in ("prompts", "G", "repeat"):
-        if getattr(args, k) < 1:
-            ap.error(f"--{k} must be >= 1, got {getattr(args, k)}")
+    results.check_args(ap, args, positive=("prompts", "G", "repeat"), tokens=True)
     return args
 
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -68,16 +66,6 @@ def rope_model():
     return Qwen2VLModel(cfg)
 
 
-def median_s(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def measure(args) -> dict:
     import torch
 
@@ -102,12 +90,12 @@ def _measure(args) -> dict:
     ids, mask, grid = prompts(args.prompts, args.seed)
     model = rope_model()
     out = {}
-    out["rope/native"] = median_s(lambda: pk.rope_positions(
+    out["rope/native"] = results.median_time(lambda: pk.rope_positions(
         ids, mask, grid, IMAGE_TOKEN, MERGE, use_native=True), args.repeat)
-    out["rope/python"] = median_s(lambda: pk.rope_positions(
+    out["rope/python"] = results.median_time(lambda: pk.rope_positions(
         ids, mask, grid, IMAGE_TOKEN, MERGE, use_native=False), args.repeat)
     with torch.no_grad():
-        out["rope/get_rope_index"] = median_s(lambda: model.get_rope_index(
+        out["rope/get_rope_index"] = results.median_time(lambda: model.get_rope_index(
             ids, (ids == IMAGE_TOKEN).int(), grid, attention_mask=mask), args.repeat)
     want, _ = model.get_rope_index(ids, (ids == IMAGE_TOKEN).int(), grid, attention_mask=mask)
     positions, next_pos = pk.rope_positions(ids, mask, grid, IMAGE_TOKEN, MERGE)
@@ -129,8 +117,8 @@ def _measure(args) -> dict:
                 pk.pack_layout(torch.tensor(rows), prompt_of, lengths, prompt_len, positions,
                                next_pos, C, shared, use_native=use_native)
 
-        out[f"pack/{name}/native"] = median_s(lambda: step(True), args.repeat)
-        out[f"pack/{name}/python"] = median_s(lambda: step(False), args.repeat)
+        out[f"pack/{name}/native"] = results.median_time(lambda: step(True), args.repeat)
+        out[f"pack/{name}/python"] = results.median_time(lambda: step(False), args.repeat)
     return out
 
 
@@ -156,9 +144,7 @@ def parse(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-results", action="store_true")
     args = ap.parse_args(argv)
-    for k in ("prompts", "G", "repeat"):
-        if getattr(args, k) < 1:
-            ap.error(f"--{k} must be >= 1, got {getattr(args, k)}")
+    results.check_args(ap, args, positive=("prompts", "G", "repeat"))
     return args
 
 

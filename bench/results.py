@@ -85,3 +85,34 @@ def reset_peak_rss() -> int:
         f.write("5")
     return status_kib("VmRSS")
 
+
+def median_time(fn, repeats: int) -> float:
+    """The median wall time of `repeats` calls of fn, after one untimed warm-up call."""
+    import statistics
+    import time
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def check_args(ap, args, positive=(), tokens: bool = False) -> None:
+    """The benchmark scripts' shared argument checks (argparse errors, exit 2): each of
+    `positive` >= 1; with tokens, args.tokens "C" or "LO:HI" becomes args.min_tokens and
+    args.tokens (ints, 1 <= LO <= HI)."""
+    if tokens:
+        try:
+            lo, _, hi = args.tokens.partition(":")
+            args.min_tokens, args.tokens = int(lo), int(hi or lo)
+        except ValueError:
+            ap.error(f"--tokens: expected C or LO:HI (integers), got {args.tokens!r}")
+        if not 1 <= args.min_tokens <= args.tokens:
+            ap.error(f"--tokens: expected 1 <= LO <= HI, got {args.min_tokens}:{args.tokens}")
+    for k in positive:
+        if getattr(args, k) < 1:
+            ap.error(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
+

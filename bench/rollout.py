@@ -12,7 +12,6 @@ Writes bench/results/<device>/rollout-<date>-<commit>.json with --save-results.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -27,16 +26,6 @@ SHAPES = [  # (prompts P, completions per prompt G, tokens per completion C)
     (4, 8, 32),     # the embedded default's step
     (16, 8, 128),   # a paper-sized batch (16 x 8), shorter completions
 ]
-
-
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -74,7 +63,7 @@ def main(argv=None) -> int:
             params = SamplingParams(max_new_tokens=c, ignore_eos=True)
             out = sampler.generate(prompts, g, params)
             assert out.num_tokens == p * g * c, out.num_tokens
-            rates[(p, g, c)] = p * g * c / _median_time(
+            rates[(p, g, c)] = p * g * c / results.median_time(
                 lambda: sampler.generate(prompts, g, params), args.repeats)
             records.append(results.record(
                 "rollout", name, "generate",
@@ -100,8 +89,8 @@ def main(argv=None) -> int:
 
     n_params = sum(t.numel() for t in policy.parameters())
     n_train = sum(t.numel() for t in policy.parameters() if t.requires_grad)
-    full = _median_time(lambda: vllm.update_weights(policy.named_parameters()), args.repeats)
-    part = _median_time(lambda: sync_weights(vllm, Policy(policy), World()), args.repeats)
+    full = results.median_time(lambda: vllm.update_weights(policy.named_parameters()), args.repeats)
+    part = results.median_time(lambda: sync_weights(vllm, Policy(policy), World()), args.repeats)
     for mode, sec, n in (("all", full, n_params), ("trainable", part, n_train)):
         records.append(results.record("weight_sync", "vllm", mode, {"params": n,
                                       "model": Path(path).name}, torch.float32, "seconds", sec,

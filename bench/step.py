@@ -443,18 +443,9 @@ def parse(argv=None):
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--work-dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    try:
-        lo, _, hi = args.tokens.partition(":")
-        args.min_tokens, args.tokens = int(lo), int(hi or lo)
-    except ValueError:
-        ap.error(f"--tokens: expected C or LO:HI (integers), got {args.tokens!r}")
-    if not 1 <= args.min_tokens <= args.tokens:
-        ap.error(f"--tokens: expected 1 <= LO <= HI, got {args.min_tokens}:{args.tokens}")
+    results.check_args(ap, args, positive=("prompts", "G", "steps", "rows"), tokens=True)
     if args.image_size < 28:
         ap.error(f"--image-size must be >= 28, got {args.image_size}")
-    for k in ("prompts", "G", "steps", "rows"):
-        if getattr(args, k) < 1:
-            ap.error(f"--{k} must be >= 1, got {getattr(args, k)}")
     if args.warmup < 1:
         ap.error(f"--warmup must be >= 1, got {args.warmup}")
     if args.rows < args.prompts:
