@@ -61,6 +61,8 @@ std::tuple<torch::Tensor, torch::Tensor> rope_positions(torch::Tensor input_ids,
       // A run of image tokens (over the valid positions): one image.
       TORCH_CHECK(g < N, "image_grid_thw: prompt ", p, " has more image runs than the ", N, " grids");
       const int64_t gt = grid[3 * g], gh = grid[3 * g + 1] / spatial_merge, gw = grid[3 * g + 2] / spatial_merge;
+      TORCH_CHECK(gt >= 1 && gh >= 1 && gw >= 1, "image_grid_thw: grid ", g,
+                  " has an axis below 1 after the spatial merge");
       ++g;
       const int64_t count = gt * gh * gw;
       int64_t k = 0;
@@ -77,6 +79,7 @@ std::tuple<torch::Tensor, torch::Tensor> rope_positions(torch::Tensor input_ids,
     }
     nxt[p] = top + 1;
   }
+  TORCH_CHECK(g == N, "image_grid_thw: ", N, " grids for ", g, " image runs");
   return {positions, next};
 }
 

@@ -102,6 +102,27 @@ def test_two_ranks_train_what_one_process_trains(tmp_path, cache_dir, loss_type,
     assert_same_run(tmp_path / "r1", tmp_path / "r2", [1], tmp_path)
 
 
+@pytest.mark.parametrize("freeze_vision", [False, True])
+def test_a_rank_without_images_runs_the_vision_tower_with_the_others(tmp_path, cache_dir,
+                                                                     freeze_vision):
+    """One image row and three text-only rows, all four in every step: the rank without the
+    image still runs the sharded vision tower in every pass (model.vision_keepalive), so the
+    collectives pair up, and 2 ranks train what 1 process trains."""
+    from mr1fast.trainer.data import make_counting, write_examples
+
+    rows = make_counting(4, seed=0)
+    for i, r in enumerate(rows):
+        image = r.pop("image")
+        r["images"] = [image] if i == 0 else []
+    data = write_examples(rows, tmp_path / "mixed.jsonl")
+    extra = [f"data.train={data}", "data.synthetic_size=4",
+             f"model.freeze_vision={str(freeze_vision).lower()}"]
+    for n in (1, 2):
+        done = launch(n, train_args(tmp_path / f"r{n}", cache_dir, *extra), timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:]
+    assert_same_run(tmp_path / "r1", tmp_path / "r2", [1], tmp_path)
+
+
 def test_torchrun_runs_the_embedded_default_like_one_process(tmp_path, cache_dir):
     """`torchrun -m mr1fast train` with the embedded default (SFT warm-up, GRPO-D with its
     format and accuracy rewards, evaluation), shortened: metrics, weights and the exported

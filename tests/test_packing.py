@@ -147,6 +147,24 @@ def test_native_errors_name_the_argument():
                        torch.tensor([2]), 4, True, use_native=True)
 
 
+@pytest.mark.parametrize("use_native", [False, True])
+def test_grids_must_match_the_image_runs(use_native):
+    """A grid left over, or one with an axis below 1 after the merge, is an error in the
+    reference and the native op alike."""
+    if use_native and pk.native() is None:
+        pytest.skip("the native extension is not built")
+    error = RuntimeError if use_native else ValueError
+    ids = torch.tensor([[1, 7, 2]])
+    mask = torch.ones_like(ids)
+    with pytest.raises(error, match="image_grid_thw: 2 grids"):
+        pk.rope_positions(ids, mask, torch.tensor([[1, 2, 2], [1, 2, 2]]), 7, 2,
+                          use_native=use_native)
+    with pytest.raises(error, match="axis below 1"):
+        pk.rope_positions(ids, mask, torch.tensor([[-1, -2, 2]]), 7, 2, use_native=use_native)
+    got, _ = pk.rope_positions(ids, mask, torch.tensor([[1, 2, 2]]), 7, 2, use_native=use_native)
+    assert got[:, 0].tolist() == [[0, 1, 2], [0, 1, 2], [0, 1, 2]]
+
+
 def test_layout_marks_prompts_completions_and_predictors():
     """Two prompts (2 and 3 tokens), three completions: the positions of the shared row."""
     positions = torch.tensor([[[0, 0, 1, 2], [0, 10, 11, 12]]] * 3)
@@ -359,6 +377,10 @@ def test_the_backend_and_layout_that_run_here(tmp_path, tiny_model_dir):
 
     assert pk.resolve_backend("auto", CPU, "shared_prefix") == "sdpa"
     assert pk.resolve_backend("sdpa", CPU, "packed") == "sdpa"
+    assert pk.resolve_backend("flex", CPU, "padded") == "sdpa"  # padded: the setting is unused
+    cuda = torch.device("cuda")  # a device object; nothing runs on it
+    assert pk.default_backend(cuda, True) == "flex"
+    assert pk.default_backend(cuda, False, torch.float32) == "flex"  # flash-attn: bf16 / fp16
     with pytest.raises(UsageError, match="no backward on the CPU"):
         pk.resolve_backend("flex", CPU, "shared_prefix")
     with pytest.raises(UsageError, match="varlen needs"):  # flash-attn, then CUDA
@@ -372,3 +394,22 @@ def test_the_backend_and_layout_that_run_here(tmp_path, tiny_model_dir):
     assert packing_mode("packed", str(tmp_path), notes.append) == "padded"
     assert notes == ["model.packing=packed: not available for model type 'llama' (only "
                      "qwen2_vl, qwen2_5_vl); running padded"]
+
+
+def test_step_batch_rejects_mask_holes_and_skips_empty_completions(models):
+    padded, packed, encoder = models
+    vocab = lm_head_weight(padded).shape[0]
+    prompts, ids, lengths, prompt_of = random_batch(encoder, vocab, 7, counts=(1, 0))
+    lengths[0], lengths[1] = ids.shape[1], 0  # a full completion, one without tokens
+    mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).float()
+    rollout = Rollout(ids, mask, torch.zeros_like(mask), prompt_of)
+    want = logprobs(StepBatch(prompts, rollout, None), Policy(padded), MicroBatchFit(0),
+                    "torch", 1.0)
+    got = logprobs(StepBatch(prompts, rollout, None, "shared_prefix"), Policy(packed),
+                   MicroBatchFit(0), "torch", 1.0)
+    assert (got - want).abs().max() <= 1e-5 and not got[1].any()
+    holed = mask.clone()
+    holed[0, 2] = 0.0
+    with pytest.raises(RuntimeError, match="a 0 before a 1"):
+        StepBatch(prompts, Rollout(ids, holed, torch.zeros_like(mask), prompt_of), None,
+                  "packed")

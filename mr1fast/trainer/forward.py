@@ -26,7 +26,7 @@ import torch
 
 from ..rollout.sampler import PromptBatch, Rollout
 from .distributed import World
-from .model import completion_hidden, encode_images
+from .model import completion_hidden, encode_images, vision_keepalive
 from .packing import (Packing, PromptLayout, equalize, pack, packed_hidden,
                       plan_micro_batches)
 
@@ -58,12 +58,35 @@ class StepBatch:
     spatial_merge: int = 2
     world: World = field(default_factory=World)
 
+    @staticmethod
+    def features_of(policy, prompts: PromptBatch, world: World) -> tuple:
+        """The frozen vision tower's output for the step's prompts (no_grad), each image once.
+        Under FSDP a process without images still runs the tower (vision_keepalive), as the
+        others do."""
+        with torch.no_grad():
+            if world.distributed and prompts.num_images == 0:
+                policy(vision_keepalive)
+                return ()
+            return policy(encode_images, prompts)
+
     def __post_init__(self):
         self.layout, self.positions, self.pack_s = None, 0, 0.0
+        self._splits: dict = {}
         if self.mode != "padded":
             t0 = time.perf_counter()
-            # Host bookkeeping, once per step (the step's one sync for it).
-            self.lengths = self.rollout.completion_mask.sum(1).long().cpu()
+            # Host bookkeeping, once per step (the step's one sync for it): each completion's
+            # length, and whether every mask is a prefix (1s, then 0s), which the packed
+            # layouts take a completion to be.
+            mask = self.rollout.completion_mask > 0
+            lengths = mask.sum(1)
+            prefix = torch.arange(mask.shape[1], device=mask.device)[None] < lengths[:, None]
+            counts = torch.cat([lengths, (mask != prefix).any()[None]]).long().cpu()
+            if counts[-1]:
+                raise RuntimeError("model.packing=" + self.mode + ": a completion mask has a "
+                                   "0 before a 1; the packed layouts take each completion's "
+                                   "tokens to be a prefix of its row (model.packing=padded "
+                                   "takes any mask)")
+            self.lengths = counts[:-1]
             self.layout = PromptLayout.of(self.prompts, self.spatial_merge)
             self.pack_s += time.perf_counter() - t0
 
@@ -85,14 +108,25 @@ class StepBatch:
         return int(prompts.sum() + self.lengths.sum())
 
     def split(self, size: int) -> list[MicroBatch]:
-        """The micro-batches of at most `size` units each (size <= 0: one)."""
+        """The micro-batches of at most `size` units each (size <= 0: one); the same list for
+        every pass of the step that asks for this size (built once: the plan, the layouts,
+        World.max and, on CUDA, the block masks)."""
+        if size not in self._splits:
+            self._splits[size] = self._split(size)
+        out = self._splits[size]
+        self.positions = sum(self._positions(mb) for mb in out if mb.real)
+        return out
+
+    def _split(self, size: int) -> list[MicroBatch]:
         B = self.rollout.completion_ids.shape[0]
         if self.mode == "padded":
             size = B if size <= 0 else min(size, B)
             out = [MicroBatch(slice(i, min(i + size, B))) for i in range(0, B, size)]
         else:
             t0 = time.perf_counter()
-            micro = plan_micro_batches(range(B), self.rollout.prompt_index.tolist(),
+            # A completion without tokens (all masked) has nothing to compute.
+            rows = [r for r, n in enumerate(self.lengths.tolist()) if n > 0]
+            micro = plan_micro_batches(rows, self.rollout.prompt_index.tolist(),
                                        self.lengths.tolist(), self.layout.lengths.tolist(), size,
                                        self.shared)
             count = self.world.max(len(micro))  # every process the same number of passes
@@ -105,7 +139,6 @@ class StepBatch:
                 out.append(MicroBatch(rows, i < real, packing,
                                       torch.tensor(rows).to(device, non_blocking=True)))
             self.pack_s += time.perf_counter() - t0
-        self.positions = sum(self._positions(mb) for mb in out if mb.real)
         return out
 
     def _positions(self, mb: MicroBatch) -> int:
@@ -120,14 +153,26 @@ class StepBatch:
     def hidden(self, model, mb: MicroBatch) -> torch.Tensor:
         """Final hidden states that predict the completion tokens of `mb` under `model`."""
         if mb.packing is not None:
-            return packed_hidden(model, self.prompts, self.features, mb.packing, self.backend)
-        r = self.rollout
-        unique, local = torch.unique(r.prompt_index[mb.rows], return_inverse=True)
-        sub = self.prompts.select(unique)
-        feats = [self.features[i] for i in self.prompts.image_rows(unique.tolist())] \
-            if self.features is not None else encode_images(model, sub)
-        return completion_hidden(model, sub, feats, local, r.completion_ids[mb.rows],
-                                 r.completion_mask[mb.rows])
+            prompts = mb.packing.prompts
+        else:
+            unique, local = torch.unique(self.rollout.prompt_index[mb.rows], return_inverse=True)
+            prompts = unique.tolist()
+        keepalive = None
+        if self.features is None and self.world.distributed and \
+                not any(self.prompts.image_counts[p] for p in set(prompts)):
+            # The other processes run the sharded vision tower first in this pass: so does
+            # this one (its backward then runs last, after the language model's, as theirs).
+            keepalive = vision_keepalive(model)
+        if mb.packing is not None:
+            h = packed_hidden(model, self.prompts, self.features, mb.packing, self.backend)
+        else:
+            r = self.rollout
+            sub = self.prompts.select(unique)
+            feats = [self.features[i] for i in self.prompts.image_rows(prompts)] \
+                if self.features is not None else encode_images(model, sub)
+            h = completion_hidden(model, sub, feats, local, r.completion_ids[mb.rows],
+                                  r.completion_mask[mb.rows])
+        return h if keepalive is None else h + keepalive
 
     def take(self, x: Optional[torch.Tensor], mb: MicroBatch) -> Optional[torch.Tensor]:
         """A per-token [B, C] tensor in the micro-batch's layout ([b, C] or [1, n])."""

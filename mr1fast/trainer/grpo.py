@@ -42,7 +42,7 @@ from .errors import UserError
 from .evaluate import evaluate_tasks, print_results
 from .metrics import device_peak_mb
 from .forward import StepBatch
-from .model import Policy, encode_images, lm_head_weight, load_model
+from .model import Policy, lm_head_weight, load_model
 from .rewards import RewardResult, RewardRunner
 from .run import MicroBatchFit, Run, distributed_run, log, setup, total_steps
 from .sft import train_sft
@@ -135,10 +135,8 @@ def _train_grpo(cfg: Config, world: World, device: torch.device, on_step) -> dic
             t_reward = time.perf_counter()
 
             # 4. Log-probs of the rollout under the policy at rollout time and the reference.
-            features = None
-            if cfg.model.freeze_vision:
-                with torch.no_grad():
-                    features = policy(encode_images, prompts)
+            features = StepBatch.features_of(policy, prompts, world) \
+                if cfg.model.freeze_vision else None
             batch = StepBatch(prompts, rollout, features, s.packing, s.attention, merge, world)
             trainer_logp = logprobs(batch, policy, fit, cfg.model.impl, g.temperature) \
                 if mu > 1 or use_is else None

@@ -404,6 +404,20 @@ def encode_images(model, prompts: PromptBatch) -> tuple[torch.Tensor, ...]:
     return tuple(out.pooler_output)
 
 
+def vision_keepalive(model) -> torch.Tensor:
+    """0 x the vision tower's output on one minimal blank image (a scalar in the graph). Under
+    FSDP every process must run the sharded tower the same number of times per pass, forward
+    and backward: a process whose prompts have no image adds this to its output instead."""
+    cfg = model.config.vision_config
+    m = cfg.spatial_merge_size
+    patch = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+    device = model.get_input_embeddings().weight.device
+    pixels = torch.zeros(m * m, patch, device=device)
+    grid = torch.tensor([[1, m, m]], device=device)
+    out = model.model.get_image_features(pixels, grid, return_dict=True).pooler_output
+    return 0.0 * sum(o.float().sum() for o in out)
+
+
 def image_inputs(prompts: PromptBatch, features: Sequence[torch.Tensor],
                  prompt_rows: Sequence[int]) -> dict:
     """The image arguments of a language-model forward over sequences that hold the prompts

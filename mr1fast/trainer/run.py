@@ -130,7 +130,7 @@ def setup(cfg: Config, world: World, device: torch.device, *, per_step: dict,
         if device.type == "cuda":
             log(plan_line(cfg, model_path, world.size, device))
     packing = packing_mode(cfg.model.packing, model_path, lambda m: log(m, world))
-    attention = resolve_backend(cfg.model.attention, device, packing)
+    attention = resolve_backend(cfg.model.attention, device, packing, dtype)
     torch.manual_seed(cfg.seed)
     # Under FSDP the sharded parameters are the fp32 masters; compute runs in `dtype`.
     model = load_model(model_path, device=device,
