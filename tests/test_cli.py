@@ -63,3 +63,18 @@ def test_bench_passes_its_arguments_through(monkeypatch):
     calls.clear()
     assert main(["bench", "step", "--models", "tiny"]) == 0
     assert calls[0][1].endswith("step.py") and calls[0][2:] == ["--models", "tiny"]
+
+
+def test_a_lost_peer_is_not_reported_as_a_bug_of_this_process(monkeypatch):
+    """Under torchrun, a collective that fails because another process died ends this one
+    with a short message pointing at that process's, not with "a bug in mr1fast"."""
+    from mr1fast.trainer.cli import peer_failed
+
+    gone = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                        "[127.0.0.1]:14738")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not peer_failed(gone)  # one process: no peer to blame
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert peer_failed(gone)
+    assert not peer_failed(RuntimeError("injected failure"))
+    assert not peer_failed(ValueError("Connection closed by peer"))

@@ -245,8 +245,26 @@ def main(argv=None) -> int:
                                            fix="use a smaller model or batch"), debug)
     except (SystemExit, GeneratorExit):
         raise
-    except BaseException:  # a bug; BaseException too: DCP's CheckpointException is one
+    except BaseException as e:  # a bug; BaseException too: DCP's CheckpointException is one
+        if peer_failed(e):
+            return _report(args.cmd, UserError(
+                "stopped: another process of this job failed, and this one lost its "
+                "connection to it in a collective",
+                fix="see the first process's message above (torchrun names its rank)"), debug)
         return _bug(args.cmd)
+
+
+# What gloo / NCCL / the TCP store say when a peer process has gone away.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "remote process exited", "NCCL communicator was aborted")
+
+
+def peer_failed(error: BaseException) -> bool:
+    """Under torchrun: a collective failed because another process died (its own message is
+    the one that matters), not a bug of this one."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not isinstance(error, RuntimeError):
+        return False
+    return any(s in str(error) for s in _PEER_GONE)
 
 
 def _dispatch(args) -> int:
