@@ -73,3 +73,14 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
         return varlen(query, key, value, cu, kwargs["max_length_q"], scaling), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                   dropout=dropout, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def has_flash_attn() -> bool:
+    """flash-attn is importable (the padded layout's flash_attention_2, the varlen backend)."""
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+

@@ -194,16 +194,11 @@ def attention_implementation(device: torch.device, packing: str = "padded"):
     and CUDA are present, SDPA otherwise. Packed modes: mr1fast's registered attention function
     (attention.py: SDPA, FlexAttention or varlen by the mask it is given) for the language
     model, the vision tower keeping the padded choice."""
-    base = "sdpa"
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-            base = "flash_attention_2"
-        except ImportError:
-            pass
+    from .attention import has_flash_attn, register
+
+    base = "flash_attention_2" if device.type == "cuda" and has_flash_attn() else "sdpa"
     if packing == "padded":
         return base
-    from .attention import register
 
     return {"text_config": register(), "vision_config": base, "": base}
 

@@ -36,6 +36,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..rollout.sampler import PromptBatch
+from .attention import has_flash_attn
 
 MODES = ("shared_prefix", "packed", "padded")
 BACKENDS = ("sdpa", "flex", "varlen")
@@ -149,26 +150,30 @@ def pack_layout_reference(rows, prompt_of, lengths, prompt_len, prompt_pos, next
             as_long(seq_prompt)]
 
 
-def rope_positions(input_ids, attention_mask, image_grid_thw, image_token_id: int,
-                   spatial_merge: int, *, use_native: Optional[bool] = None):
-    """rope_positions_reference, natively where the extension is built."""
-    ext = native() if use_native is None else (native() if use_native else None)
-    args = (input_ids.long().contiguous(), attention_mask.long().contiguous(),
-            image_grid_thw.long().reshape(-1, 3).contiguous(), int(image_token_id),
-            int(spatial_merge))
+def _extension(use_native: Optional[bool]):
+    """The native module to run (None: the Python reference). use_native None: the extension
+    where built; True: it, or an error; False: the reference."""
+    ext = native() if use_native is not False else None
     if use_native and ext is None:
         raise RuntimeError("the native extension mr1fast.trainer._native is not built "
                            "(bash setup.sh builds it)")
+    return ext
+
+
+def rope_positions(input_ids, attention_mask, image_grid_thw, image_token_id: int,
+                   spatial_merge: int, *, use_native: Optional[bool] = None):
+    """rope_positions_reference, natively where the extension is built."""
+    ext = _extension(use_native)
+    args = (input_ids.long().contiguous(), attention_mask.long().contiguous(),
+            image_grid_thw.long().reshape(-1, 3).contiguous(), int(image_token_id),
+            int(spatial_merge))
     return ext.rope_positions(*args) if ext is not None else rope_positions_reference(*args)
 
 
 def pack_layout(rows, prompt_of, lengths, prompt_len, prompt_pos, next_pos, C: int,
                 shared: bool, *, use_native: Optional[bool] = None) -> list[torch.Tensor]:
     """pack_layout_reference, natively where the extension is built."""
-    ext = native() if use_native is None else (native() if use_native else None)
-    if use_native and ext is None:
-        raise RuntimeError("the native extension mr1fast.trainer._native is not built "
-                           "(bash setup.sh builds it)")
+    ext = _extension(use_native)
     args = [torch.as_tensor(x, dtype=torch.long).contiguous()
             for x in (rows, prompt_of, lengths, prompt_len, prompt_pos, next_pos)]
     if ext is not None:
@@ -349,12 +354,8 @@ def default_backend(device: torch.device, shared: bool,
     CPU."""
     if device.type != "cuda":
         return "sdpa"
-    if not shared and dtype != torch.float32:  # flash-attn takes fp16 / bf16 only
-        try:
-            import flash_attn  # noqa: F401
-            return "varlen"
-        except ImportError:
-            pass
+    if not shared and dtype != torch.float32 and has_flash_attn():  # fp16 / bf16 only
+        return "varlen"
     return "flex"
 
 
@@ -376,11 +377,9 @@ def resolve_backend(attention: str, device: torch.device, mode: str,
         if shared:
             raise UsageError("model.attention=varlen runs plain packing only",
                              fix="model.packing=packed, or model.attention=auto")
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
+        if not has_flash_attn():
             raise UsageError("model.attention=varlen needs flash-attn (pip install flash-attn "
-                             "on a CUDA machine)", fix="or model.attention=auto") from None
+                             "on a CUDA machine)", fix="or model.attention=auto")
         if device.type != "cuda":
             raise UsageError("model.attention=varlen needs a CUDA device",
                              fix="model.attention=auto")
