@@ -38,7 +38,6 @@ import torch
 from ..rollout.sampler import PromptBatch
 from .attention import has_flash_attn
 
-MODES = ("shared_prefix", "packed", "padded")
 BACKENDS = ("sdpa", "flex", "varlen")
 
 
