@@ -28,7 +28,7 @@ if triton is not None:
     def _grpo_loss_fwd_kernel(
             pmax_ptr, psum_ptr, pent_ptr, tgt_ptr, n_tokens, n_splits, scale_ptr, mask_ptr,
             adv_ptr, rewards_ptr, seq_ptr, group_size, adv_eps, old_ptr, ref_ptr, iw_ptr,
-            beta_ptr, beta, eps_low, eps_high,
+            beta_ptr, beta, eps_low, eps_high, log_ratio_clamp,
             lse_ptr, logp_ptr, ent_ptr, loss_ptr, dlogp_ptr, kl_ptr, low_ptr, high_ptr,
             BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -59,7 +59,10 @@ if triton is not None:
             old = tl.load(old_ptr + rows, mask=live, other=0.0)
         else:
             old = logp  # on-policy: ratio 1, d ratio / d logp = 1
-        ratio = tl.exp(logp - old)
+        # The log-ratio clamped to +-log_ratio_clamp (no gradient outside), as the reference.
+        log_ratio = logp - old
+        inside = (log_ratio >= -log_ratio_clamp) & (log_ratio <= log_ratio_clamp)
+        ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -log_ratio_clamp), log_ratio_clamp))
         lo = 1.0 - eps_low
         hi = 1.0 + eps_high
         unclipped = ratio * adv
@@ -67,7 +70,7 @@ if triton is not None:
         pg = -tl.minimum(unclipped, clipped)
         # Gradient flows through ratio unless the clipped branch is taken outside [lo, hi].
         through = (unclipped <= clipped) | ((ratio >= lo) & (ratio <= hi))
-        dpg = tl.where(through, -adv * ratio, 0.0)
+        dpg = tl.where(through & inside, -adv * ratio, 0.0)
         if iw_ptr is not None:
             iw = tl.load(iw_ptr + rows, mask=live, other=0.0)
             pg = pg * iw
@@ -76,11 +79,13 @@ if triton is not None:
             if beta_ptr is not None:
                 beta = tl.load(beta_ptr).to(tl.float32)
             ref = tl.load(ref_ptr + rows, mask=live, other=0.0)
-            delta = ref - logp
+            raw = ref - logp
+            delta = tl.minimum(tl.maximum(raw, -log_ratio_clamp), log_ratio_clamp)
             e_delta = tl.exp(delta)
             kl = e_delta - delta - 1.0
             loss = pg + beta * kl
-            dloss = dpg + beta * (1.0 - e_delta)
+            d_inside = (raw >= -log_ratio_clamp) & (raw <= log_ratio_clamp)
+            dloss = dpg + tl.where(d_inside, beta * (1.0 - e_delta), 0.0)
         else:
             kl = tl.zeros([BLOCK_N], dtype=tl.float32)
             loss = pg
@@ -99,7 +104,7 @@ if triton is not None:
 def grpo_loss_forward(hidden, weight, bias, targets, scale, *, advantages=None, rewards=None,
                       seq_id=None, group_size=0, adv_eps=1e-4, old_logp=None, ref_logp=None,
                       importance_weights=None, mask=None, beta=0.0, eps_low=0.2, eps_high=0.2,
-                      temperature=1.0):
+                      log_ratio_clamp=20.0, temperature=1.0):
     """The epilogue's outputs for n tokens: (loss_t, logp, kl, low, high, entropy, lse, dlogp),
     each [n] fp32.
 
@@ -119,7 +124,7 @@ def grpo_loss_forward(hidden, weight, bias, targets, scale, *, advantages=None, 
         _grpo_loss_fwd_kernel[(triton.cdiv(n, block),)](
             pmax, psum, pent, tgt, n, n_splits, scale, mask, advantages, rewards, seq_id,
             group_size, adv_eps, old_logp, ref_logp, importance_weights, beta_ptr,
-            0.0 if beta_ptr is not None else float(beta), eps_low, eps_high,
+            0.0 if beta_ptr is not None else float(beta), eps_low, eps_high, log_ratio_clamp,
             lse, logp, ent, loss_t, dlogp, kl, low, high,
             BLOCK_N=block, BLOCK_G=max(2, 1 << max(0, (group_size - 1).bit_length())))
     return loss_t, logp, kl, low, high, ent, lse, dlogp
@@ -133,12 +138,13 @@ class GRPOLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, scale, advantages, rewards, seq_id,
                 group_size, adv_eps, old_logp, ref_logp, importance_weights, mask, beta, eps_low,
-                eps_high, temperature):
+                eps_high, log_ratio_clamp, temperature):
         loss_t, logp, kl, low, high, ent, lse, dlogp = grpo_loss_forward(
             hidden, weight, bias, targets, scale, advantages=advantages, rewards=rewards,
             seq_id=seq_id, group_size=group_size, adv_eps=adv_eps, old_logp=old_logp,
             ref_logp=ref_logp, importance_weights=importance_weights, mask=mask, beta=beta,
-            eps_low=eps_low, eps_high=eps_high, temperature=temperature)
+            eps_low=eps_low, eps_high=eps_high, log_ratio_clamp=log_ratio_clamp,
+            temperature=temperature)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, dlogp)
         ctx.temperature = temperature
         ctx.mark_non_differentiable(logp, kl, low, high, ent)
@@ -150,4 +156,4 @@ class GRPOLossFunction(torch.autograd.Function):
         dh, dw, db = token_logprobs_backward(hidden, weight, bias, targets, lse,
                                              dlogp * grad_loss, ctx.temperature,
                                              ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return (dh, dw, db) + (None,) * 15
+        return (dh, dw, db) + (None,) * 16

@@ -15,11 +15,12 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .chunked import ChunkedTokenLogprobs
+from .chunked import ChunkedGRPOLoss, ChunkedTokenLogprobs
 from .fused import triton_grpo_loss, triton_token_logprobs, unavailable_reason
 from .inputs import TokenBatch, check_linear_inputs, check_linear_values, prepare_batch
 from .naive import naive_token_logprobs
-from .reference import grpo_objective, make_stats
+from .options import OPTION_NAMES, LossOptions
+from .reference import KernelTokens, grpo_objective, make_stats, objective
 
 IMPLS = ("auto", "triton", "torch", "naive")
 
@@ -77,13 +78,33 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return (logp, entropy) if return_entropy else logp
 
 
+def split_options(kwargs: dict):
+    """(the other kwargs, LossOptions of the option kwargs)."""
+    opts = {k: kwargs[k] for k in OPTION_NAMES if k in kwargs}
+    return {k: v for k, v in kwargs.items() if k not in opts}, LossOptions(**opts)
+
+
 def _empty_result(batch: TokenBatch, hidden, weight, return_entropy):
     """No kernel token: a zero loss that still back-propagates (zero gradients)."""
     loss = hidden.reshape(-1)[:0].float().sum() + weight.reshape(-1)[:0].float().sum()
     zero = torch.zeros(0, device=hidden.device)
-    stats = make_stats(batch, zero, zero, zero.bool(), zero.bool(),
-                       zero if return_entropy else None)
-    return loss, stats
+    parts = {"kl": zero, "low": zero.bool(), "high": zero.bool(), "phi": None}
+    return loss, make_stats(batch, KernelTokens(batch), zero, parts,
+                            zero if return_entropy else None)
+
+
+def _wants_entropy(options: LossOptions, return_entropy: bool) -> bool:
+    return return_entropy or options.entropy_coef != 0.0 or options.top_entropy_quantile < 1.0
+
+
+def _torch_grpo_loss(batch: TokenBatch, weight, bias, return_entropy):
+    kt = KernelTokens(batch)
+    out = {}
+    want = _wants_entropy(batch.options, return_entropy)
+    loss, logp, ent = ChunkedGRPOLoss.apply(
+        batch.take(batch.hidden), weight, bias, batch.take(batch.targets), batch.temperature,
+        lambda sl, lp, en: objective(batch, kt[sl], lp, en), batch.options, want, out)
+    return loss, make_stats(batch, kt, logp, out["parts"], ent if return_entropy else None)
 
 
 def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -92,40 +113,61 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               mask: Optional[torch.Tensor] = None, old_logp: Optional[torch.Tensor] = None,
               ref_logp: Optional[torch.Tensor] = None,
               importance_weights: Optional[torch.Tensor] = None,
-              beta: Union[float, torch.Tensor] = 0.0, eps_low: float = 0.2,
-              eps_high: Optional[float] = None, temperature: float = 1.0,
-              loss_type: str = "grpo", max_completion_length: Optional[int] = None,
+              sampling_logp: Optional[torch.Tensor] = None,
+              beta: Union[float, torch.Tensor] = 0.0, loss_type: str = "grpo",
+              importance_sampling_level: str = "token", eps_low: float = 0.2,
+              eps_high: Optional[float] = None, delta: Optional[float] = None,
+              dual_clip: Optional[float] = None, kl_estimator: str = "k3",
+              use_bias_correction_kl: bool = False, log_ratio_clamp: float = 20.0,
+              entropy_coef: float = 0.0, top_entropy_quantile: float = 1.0,
+              off_policy_mask_threshold: Optional[float] = None, advantage_eps: float = 1e-4,
+              sapo_temperature_neg: float = 1.05, sapo_temperature_pos: float = 1.0,
+              vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
+              vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0,
+              temperature: float = 1.0, max_completion_length: Optional[int] = None,
               num_items_in_batch=None, bias: Optional[torch.Tensor] = None,
               cu_seqlens: Optional[torch.Tensor] = None, return_entropy: bool = False,
               impl: str = "auto", check_values: bool = True):
-    """The GRPO-D loss from the LM head's input, without materializing the logits.
+    """The GRPO family's loss from the LM head's input, without materializing the logits.
 
-    Per token: -min(r*A, clip(r, 1-eps_low, 1+eps_high)*A) * iw + beta * k3_kl, with
-    r = exp(logp - old_logp) (on-policy when old_logp is None), k3_kl = exp(ref - logp) -
-    (ref - logp) - 1, aggregated by loss_type ("grpo", "bnpo", "dr_grpo", "dapo"; TRL's
-    definitions, see mr1fast.loss.normalizers).
+    The objective (every loss_type of TRL 1.16, token or sequence (GSPO) ratios, delta and dual
+    clipping, KL estimators k1/k2/k3 with TRL's bias correction, entropy bonus, top-entropy
+    token selection, off-policy sequence masking) is specified in mr1fast.loss.reference and
+    its options in mr1fast.loss.options; docs/API.md describes each. Defaults: the paper's
+    GRPO-D (loss_type "grpo", token ratios, k3 KL, no bias correction).
 
     Shapes: hidden [B, T, d]; weight [V, d]; targets [B, T] int64; advantages [B] or [B, T]
-    (or rewards [B] with group_size: group advantages computed in the fused pass); mask,
-    old_logp, ref_logp, importance_weights [B, T] (fp32, detached). Packed layout: hidden
-    [1, T_total, d] and cu_seqlens [S + 1]; then per-sequence tensors are [S].
-    beta: float or 0-d tensor (a device tensor is read on the device; no recompilation for a
-    new value). The targets and per-token inputs of tokens with mask 0 are ignored.
+    (or rewards [B] with group_size: group advantages, epsilon advantage_eps, computed in the
+    fused pass); mask, old_logp, ref_logp, sampling_logp [B, T]; importance_weights [B, T],
+    [B] or [B, 1] (all fp32, detached). Packed layout: hidden [1, T_total, d] and cu_seqlens
+    [S + 1]; then per-sequence tensors are [S]. beta: float or 0-d tensor (a device tensor is
+    read on the device; no recompilation for a new value, nor for any other option's). The
+    targets and per-token inputs of tokens with mask 0 are ignored.
     check_values (default True) runs the value checks that sync with the GPU and drops the
     masked tokens before any kernel runs; False skips both (every token is computed, a masked
     one contributes an exact 0) so that nothing syncs: then hidden must be finite everywhere
     and the unmasked ids in range, unchecked.
 
     Returns (loss, stats): loss a 0-d fp32 tensor; stats detached fp32 "logp" [B, T] and the
-    mask-weighted means "kl", "clip_low", "clip_high", "clip_frac" (and "entropy" when
-    return_entropy). An empty batch (B = 0, T = 0, or every token masked) gives a zero loss
-    whose gradients are zero, and zero stats.
+    means "kl", "clip_low", "clip_high", "clip_frac" (and "entropy" when return_entropy,
+    "phi_mean" for vespo). An empty batch (B = 0, T = 0, or every token masked) gives a zero
+    loss whose gradients are zero, and zero stats.
     """
+    options = LossOptions(
+        loss_type=loss_type, importance_sampling_level=importance_sampling_level,
+        eps_low=eps_low, eps_high=eps_high, delta=delta, dual_clip=dual_clip,
+        kl_estimator=kl_estimator, use_bias_correction_kl=use_bias_correction_kl,
+        log_ratio_clamp=log_ratio_clamp, entropy_coef=entropy_coef,
+        top_entropy_quantile=top_entropy_quantile,
+        off_policy_mask_threshold=off_policy_mask_threshold, advantage_eps=advantage_eps,
+        sapo_temperature_neg=sapo_temperature_neg, sapo_temperature_pos=sapo_temperature_pos,
+        vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+        vespo_lambda_neg=vespo_lambda_neg)
     batch = prepare_batch(hidden, weight, targets, advantages, rewards=rewards,
                           group_size=group_size, mask=mask, old_logp=old_logp,
-                          ref_logp=ref_logp, importance_weights=importance_weights, beta=beta,
-                          eps_low=eps_low, eps_high=eps_high, temperature=temperature,
-                          loss_type=loss_type, max_completion_length=max_completion_length,
+                          ref_logp=ref_logp, importance_weights=importance_weights,
+                          sampling_logp=sampling_logp, beta=beta, options=options,
+                          temperature=temperature, max_completion_length=max_completion_length,
                           num_items_in_batch=num_items_in_batch, bias=bias,
                           cu_seqlens=cu_seqlens, check_values=check_values)
     impl = resolve_impl(impl, hidden.device, hidden.dtype)
@@ -133,39 +175,44 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         return _empty_result(batch, hidden, weight, return_entropy)
     if impl == "triton":
         return triton_grpo_loss(batch, weight, bias, return_entropy)
-    if impl == "naive":
-        # TRL computes every position's logits, masked ones included (their targets zeroed).
-        safe_targets = torch.where(batch.mask != 0, batch.targets, 0).view(batch.out_shape)
-        logp, entropy = naive_token_logprobs(hidden, weight, safe_targets, bias,
-                                             batch.temperature, return_entropy)
-        logp = batch.take(logp.reshape(-1))
-        entropy = None if entropy is None else batch.take(entropy.reshape(-1))
-    else:
-        logp, entropy = _flat_logprobs(impl, batch.take(batch.hidden), weight,
-                                       batch.take(batch.targets), bias, batch.temperature)
-    return grpo_objective(batch, logp, entropy if return_entropy else None)
+    if impl == "torch":
+        return _torch_grpo_loss(batch, weight, bias, return_entropy)
+    # naive: TRL computes every position's logits, masked ones included (their targets zeroed).
+    safe_targets = torch.where(batch.mask != 0, batch.targets, 0).view(batch.out_shape)
+    logp, entropy = naive_token_logprobs(hidden, weight, safe_targets, bias, batch.temperature,
+                                         _wants_entropy(options, return_entropy),
+                                         entropy_grad=options.needs_entropy_grad)
+    logp = batch.take(logp.reshape(-1))
+    entropy = None if entropy is None else batch.take(entropy.reshape(-1))
+    return grpo_objective(batch, logp, entropy, return_entropy)
 
 
 class GRPOLoss(nn.Module):
-    """Holds a grpo_loss configuration; forward(hidden, weight, targets, advantages, **inputs).
+    """Holds a grpo_loss configuration (its options, temperature, max_completion_length,
+    return_entropy, impl, check_values); forward(hidden, weight, targets, advantages,
+    **inputs) takes the per-call tensors (mask, old_logp, ref_logp, rewards, ...).
 
     Set `.beta` between steps for a scheduled KL coefficient (see mr1fast.loss.schedules).
+    The options are validated here, at construction.
     """
 
-    def __init__(self, *, beta: Union[float, torch.Tensor] = 0.0, eps_low: float = 0.2,
-                 eps_high: Optional[float] = None, temperature: float = 1.0,
-                 loss_type: str = "grpo", max_completion_length: Optional[int] = None,
-                 return_entropy: bool = False, impl: str = "auto", check_values: bool = True):
+    def __init__(self, *, beta: Union[float, torch.Tensor] = 0.0, temperature: float = 1.0,
+                 max_completion_length: Optional[int] = None, return_entropy: bool = False,
+                 impl: str = "auto", check_values: bool = True, **options):
         super().__init__()
-        self.beta, self.eps_low, self.eps_high = beta, eps_low, eps_high
-        self.temperature, self.loss_type, self.impl = temperature, loss_type, impl
+        unknown = set(options) - set(OPTION_NAMES)
+        if unknown:
+            raise ValueError(f"GRPOLoss: unknown option(s) {sorted(unknown)}; the options are "
+                             f"{OPTION_NAMES}")
+        LossOptions(**options)  # validates now, not at the first step
+        self.beta, self.options = beta, options
+        self.temperature, self.impl = temperature, impl
         self.max_completion_length, self.return_entropy = max_completion_length, return_entropy
         self.check_values = check_values
 
     def forward(self, hidden, weight, targets, advantages=None, **inputs):
         return grpo_loss(hidden, weight, targets, advantages, beta=self.beta,
-                         eps_low=self.eps_low, eps_high=self.eps_high,
-                         temperature=self.temperature, loss_type=self.loss_type,
+                         temperature=self.temperature,
                          max_completion_length=self.max_completion_length,
                          return_entropy=self.return_entropy, impl=self.impl,
-                         check_values=self.check_values, **inputs)
+                         check_values=self.check_values, **self.options, **inputs)

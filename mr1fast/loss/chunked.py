@@ -1,9 +1,23 @@
-"""token_logprobs in plain torch, chunked over tokens and vocabulary: the CPU path and fallback.
+"""The torch implementation (the CPU path and fallback): token_logprobs and grpo_loss, chunked.
 
-No [N, V] tensor is ever built: the forward keeps an online log-sum-exp (and entropy) across
-vocabulary chunks; the backward recomputes each logit chunk and turns it into dH and dW at once.
-Peak extra memory is a few [TOKEN_CHUNK, VOCAB_CHUNK] fp32 tiles plus fp32 gradient buffers.
-Nothing reads a device value on the host (no sync), on CUDA as on the CPU.
+No [N, V] tensor is ever built, and nothing reads a device value on the host (no sync).
+
+token_logprobs (ChunkedTokenLogprobs): chunks over tokens and vocabulary; the forward keeps an
+online log-sum-exp (and entropy) across vocabulary chunks, the backward recomputes each logit
+chunk and turns it into dH and dW (8NdV in all, since the caller's gradient is unknown until the
+backward). Peak extra memory: a few [TOKEN_CHUNK, VOCAB_CHUNK] fp32 tiles and the gradients.
+
+grpo_loss (ChunkedGRPOLoss): the loss is known inside the op, so when gradients are needed it
+forms dH, dW and db during the forward, one chunk of rows at a time over the whole vocabulary:
+logits (2NdV), then the chunk's d loss / d logp and d loss / d entropy from the objective
+(reference.objective, differentiated by autograd on the chunk's [R] values), then dlogits and
+the two gradient GEMMs (4NdV): 6NdV, the minimum. The backward only scales the stored gradients
+by the incoming one. Objectives that couple tokens (LossOptions.token_separable is False:
+sequence-level ratios, VESPO, the off-policy and top-entropy masks) need every token's log-prob
+before any gradient: a first pass computes the log-probs and entropies (2NdV), autograd gives
+all d loss / d logp at once, and a second pass recomputes each chunk's logits for the gradients
+(6NdV): 8NdV, as before. Peak extra memory: one [R, V] fp32 logits chunk and its softmax (R =
+ROW_BUDGET // V rows), the fp32 dH and dW buffers (which become the gradients) and O(N) vectors.
 """
 from __future__ import annotations
 
@@ -13,6 +27,7 @@ from mr1fast.kernels.gemm import acc_dtype, matmul_acc
 
 TOKEN_CHUNK = 1024
 VOCAB_CHUNK = 8192
+ROW_BUDGET = 1 << 21   # elements of one [R, V] logits chunk of ChunkedGRPOLoss (8 MiB in fp32)
 
 
 def _logits(h, weight, bias, v0, v1, temperature):
@@ -111,3 +126,156 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
                                       ctx.temperature, ctx.needs_input_grad[0],
                                       ctx.needs_input_grad[1])
         return dh, dw, db, None, None
+
+
+def _rows(V: int) -> int:
+    return max(1, ROW_BUDGET // V)
+
+
+class _Head:
+    """The LM head for ChunkedGRPOLoss: weight in the accumulation dtype where the matmuls need
+    it (upcast once, not per chunk; on CUDA half weights stay half), bias, temperature."""
+
+    def __init__(self, weight, bias, temperature):
+        self.w = weight if weight.is_cuda or weight.dtype == acc_dtype(weight.dtype) \
+            else weight.to(acc_dtype(weight.dtype))
+        self.bias, self.temperature = bias, temperature
+
+    def log_softmax(self, h):
+        """log-softmax [R, V] of a chunk of rows h [R, d] (accumulation dtype) and its lse."""
+        z = matmul_acc(h, self.w.t())
+        if self.bias is not None:
+            z += self.bias
+        if self.temperature != 1.0:
+            z /= self.temperature
+        lse = torch.logsumexp(z, dim=1)
+        return z.sub_(lse[:, None]), lse
+
+
+def _entropy(p, logsm):
+    """-sum p log p per row, without a [R, V] temporary."""
+    return -torch.bmm(p[:, None, :], logsm[:, :, None]).view(-1)
+
+
+def _dlogits(logsm, p, y, g, g_ent, temperature):
+    """d loss / d logits [R, V] (in p's storage; logsm is overwritten) from the per-row
+    d loss / d logp g and d loss / d entropy g_ent (or None):
+    g * (onehot - p) - g_ent * p * (log p + H) for the entropy H."""
+    if g_ent is None:
+        dz = p.mul_(-g[:, None])
+    else:
+        h = _entropy(p, logsm)
+        dz = p.mul_(logsm.add_(h[:, None]).mul_(g_ent[:, None]).add_(g[:, None])).neg_()
+    dz.scatter_add_(1, y[:, None], g[:, None].to(dz.dtype))
+    if temperature != 1.0:
+        dz /= temperature
+    return dz
+
+
+class _Grads:
+    """fp32 (fp64) accumulators of dH, dW and db, filled chunk by chunk."""
+
+    def __init__(self, hidden, weight, bias, need):
+        dt = acc_dtype(hidden.dtype)
+        self.dh = torch.zeros(hidden.shape, dtype=dt, device=hidden.device) if need[0] else None
+        self.dw = torch.zeros(weight.shape, dtype=dt, device=hidden.device) if need[1] else None
+        self.db = torch.zeros(weight.shape[0], dtype=dt, device=hidden.device) \
+            if bias is not None and need[2] else None
+
+    def add(self, n0, n1, dz, h, head):
+        if self.dh is not None:
+            self.dh[n0:n1] = matmul_acc(dz, head.w)
+        if self.dw is not None:
+            if dz.is_cuda:
+                self.dw += matmul_acc(dz.t(), h)
+            else:
+                self.dw.addmm_(dz.t(), h)
+        if self.db is not None:
+            self.db += dz.sum(0)
+
+
+def _objective_grads(fn, logp, ent, need_ent_grad):
+    """(loss, parts, g, g_ent) of fn(logp, entropy) with its gradient w.r.t. both."""
+    lp = logp.detach().requires_grad_()
+    en = None if ent is None else ent.detach().requires_grad_(need_ent_grad)
+    with torch.enable_grad():
+        loss, parts = fn(lp, en)
+        wrt = [lp] + ([en] if need_ent_grad else [])
+        grads = torch.autograd.grad(loss, wrt, allow_unused=True) if loss.requires_grad \
+            else [None] * len(wrt)
+    grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(wrt, grads)]
+    return loss.detach(), parts, grads[0], grads[1] if need_ent_grad else None
+
+
+class ChunkedGRPOLoss(torch.autograd.Function):
+    """(hidden [n, d], weight [V, d], bias [V] or None, targets [n] int64, temperature,
+    objective, options, want_entropy, out) -> (loss, logp [n], entropy [n] or empty); the
+    objective's per-token parts go to out["parts"]. objective(sl, logp, entropy) is
+    reference.objective on the kernel tokens sl (a slice); entropy is computed when
+    `want_entropy`. Module doc: how the gradients are formed during the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, objective, options,
+                want_entropy, out):
+        n, V = hidden.shape[0], weight.shape[0]
+        need = ctx.needs_input_grad[:3]
+        grad = any(need)
+        head = _Head(weight, bias, temperature)
+        rows = _rows(V)
+        dt = acc_dtype(hidden.dtype)
+        h_all = hidden if hidden.dtype == dt else hidden.to(dt)
+        # Masked tokens (check_values=False) may hold any id; their gradient is 0 anyway.
+        targets = targets.clamp(0, V - 1)
+        logp = torch.empty(n, dtype=dt, device=hidden.device)
+        ent = torch.empty(n, dtype=dt, device=hidden.device) if want_entropy else None
+        grads = _Grads(hidden, weight, bias, need) if grad else None
+        one_pass = grad and options.token_separable
+        need_ent_grad = options.needs_entropy_grad
+        losses, parts = [], []
+        for n0 in range(0, n, rows):
+            n1 = min(n0 + rows, n)
+            h, y = h_all[n0:n1], targets[n0:n1]
+            logsm, _ = head.log_softmax(h)
+            logp[n0:n1] = logsm.gather(1, y[:, None]).squeeze(1).clamp(max=0.0)
+            p = torch.exp(logsm) if (want_entropy or one_pass) else None
+            if want_entropy:
+                ent[n0:n1] = _entropy(p, logsm)
+            if one_pass:
+                sl = slice(n0, n1)
+                loss, part, g, g_ent = _objective_grads(
+                    lambda lp, en: objective(sl, lp, en), logp[n0:n1],
+                    None if ent is None else ent[n0:n1], need_ent_grad)
+                losses.append(loss)
+                parts.append(part)
+                grads.add(n0, n1, _dlogits(logsm, p, y, g, g_ent, temperature), h, head)
+        if one_pass:
+            loss = torch.stack(losses).sum()
+            parts = {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts])
+                     for k in parts[0]}
+        else:
+            loss, parts, g, g_ent = _objective_grads(lambda lp, en: objective(slice(None), lp,
+                                                                              en),
+                                                     logp, ent, need_ent_grad and grad)
+            if grad:  # the second pass: the logits again, now with every token's gradient
+                for n0 in range(0, n, rows):
+                    n1 = min(n0 + rows, n)
+                    h, y = h_all[n0:n1], targets[n0:n1]
+                    logsm, _ = head.log_softmax(h)
+                    dz = _dlogits(logsm, torch.exp(logsm), y, g[n0:n1],
+                                  None if g_ent is None else g_ent[n0:n1], temperature)
+                    grads.add(n0, n1, dz, h, head)
+        if grad:
+            ctx.grads = (None if grads.dh is None else grads.dh.to(hidden.dtype),
+                         None if grads.dw is None else grads.dw.to(weight.dtype),
+                         None if grads.db is None else grads.db.to(bias.dtype))
+        out["parts"] = parts
+        ent = ent if ent is not None else logp.new_zeros(0)
+        ctx.mark_non_differentiable(logp, ent)
+        return loss, logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        dh, dw, db = ctx.grads
+        del ctx.grads
+        scale = (lambda x: None if x is None else x * grad_loss.to(x.dtype))
+        return scale(dh), scale(dw), scale(db), None, None, None, None, None, None

@@ -1,7 +1,8 @@
 """Input validation and the flat token layout shared by every loss implementation.
 
 Two layouts reach the loss:
-- padded: hidden [B, T, d], targets/mask/old_logp/ref_logp/importance_weights [B, T];
+- padded: hidden [B, T, d], targets/mask/old_logp/ref_logp/sampling_logp [B, T],
+  importance_weights [B, T] or per sequence [B] / [B, 1];
 - packed: hidden [1, T_total, d] holding S concatenated sequences, with cu_seqlens [S + 1]
   (0, end of sequence 1, ..., T_total).
 Both become one flat token axis with a sequence id per token; "B" in the loss normalisers is the
@@ -24,7 +25,7 @@ from typing import Optional, Union
 
 import torch
 
-from .normalizers import LOSS_TYPES
+from .options import LossOptions
 
 
 def _err(name: str, expected: str, got) -> ValueError:
@@ -102,12 +103,12 @@ class TokenBatch:
     group_size: Optional[int]
     old_logp: Optional[torch.Tensor]     # [N] or None (on-policy)
     ref_logp: Optional[torch.Tensor]     # [N] or None (no KL term)
-    importance_weights: Optional[torch.Tensor]  # [N] or None
+    importance_weights: Optional[torch.Tensor]  # [N] or None (a per-sequence weight repeated)
+    iw_per_sequence: bool                # importance_weights were given per sequence
+    sampling_logp: Optional[torch.Tensor]  # [N] or None: the sampler's log-probs (OPSM)
     beta: Union[float, torch.Tensor]
-    eps_low: float
-    eps_high: float
+    options: LossOptions
     temperature: float
-    loss_type: str
     max_completion_length: int
     num_items: Union[float, torch.Tensor]  # dapo normaliser
 
@@ -123,6 +124,10 @@ class TokenBatch:
     def kernel_mask(self) -> Optional[torch.Tensor]:
         """The mask of the kernel tokens when some of them may have mask 0, else None."""
         return self.mask if self.has_mask else None
+
+    @property
+    def loss_type(self) -> str:
+        return self.options.loss_type
 
     def take(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """x [N, ...] at the kernel tokens (no copy when they are all N)."""
@@ -190,13 +195,34 @@ def _longest_sequence(cu_seqlens, T: int, check_values: bool) -> int:
     return max(b - a for a, b in zip(c, c[1:]))
 
 
+def _importance_weights(x, B, T, S, seq_id, dev, active, check_values):
+    """importance_weights [S], [S, 1] (per sequence) or [B, T] -> ([N], per_sequence)."""
+    if x is None:
+        return None, False
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or \
+            x.shape not in ((S,), (S, 1), (B, T)):
+        raise _err("importance_weights", f"a float tensor of shape ({S},) or ({S}, 1) (per "
+                   f"sequence) or ({B}, {T}) (per token)", x)
+    if x.shape == (B, T):  # (when T == 1 and S == B both readings give the same weights)
+        return _per_token_input("importance_weights", x, (B, T), dev, active, check_values,
+                                non_negative=True), False
+    if x.device != dev:
+        raise _err("importance_weights", f"a tensor on {dev}", x)
+    if check_values and not (bool(torch.isfinite(x).all()) and bool((x >= 0).all())):
+        raise ValueError("importance_weights: expected finite values >= 0")
+    return x.reshape(-1)[seq_id], True
+
+
 def prepare_batch(hidden, weight, targets, advantages=None, *, rewards=None, group_size=None,
-                  mask=None, old_logp=None, ref_logp=None, importance_weights=None, beta=0.0,
-                  eps_low=0.2, eps_high=None, temperature=1.0, loss_type="grpo",
-                  max_completion_length=None, num_items_in_batch=None, bias=None,
-                  cu_seqlens=None, check_values=True) -> TokenBatch:
+                  mask=None, old_logp=None, ref_logp=None, importance_weights=None,
+                  sampling_logp=None, beta=0.0, options: Optional[LossOptions] = None,
+                  temperature=1.0, max_completion_length=None, num_items_in_batch=None,
+                  bias=None, cu_seqlens=None, check_values=True) -> TokenBatch:
     """Validates the grpo_loss arguments (ValueError naming the argument) and flattens them.
     check_values=False skips the checks that sync (module doc)."""
+    options = LossOptions() if options is None else options
+    if not isinstance(options, LossOptions):
+        raise _err("options", "a mr1fast.loss.LossOptions", type(options).__name__)
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or not hidden.is_floating_point():
         raise _err("hidden", "a float tensor [B, T, d] (or [1, T_total, d] with cu_seqlens)",
                    hidden)
@@ -271,10 +297,12 @@ def prepare_batch(hidden, weight, targets, advantages=None, *, rewards=None, gro
 
     per_tok = {}
     for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp),
-                    ("importance_weights", importance_weights)):
-        flat = _per_token_input(name, x, (B, T), dev, active, check_values,
-                                non_negative=name == "importance_weights")
+                    ("sampling_logp", sampling_logp)):
+        flat = _per_token_input(name, x, (B, T), dev, active, check_values)
         per_tok[name] = None if flat is None else flat.to(fdt)
+    iw, iw_per_sequence = _importance_weights(importance_weights, B, T, S, seq_id, dev, active,
+                                              check_values)
+    per_tok["importance_weights"] = None if iw is None else iw.to(fdt)
 
     if isinstance(beta, torch.Tensor):
         if beta.dim() != 0 or not beta.is_floating_point():
@@ -289,19 +317,9 @@ def prepare_batch(hidden, weight, targets, advantages=None, *, rewards=None, gro
     elif beta > 0 and ref_logp is None:
         raise ValueError("ref_logp: required when beta > 0 (the KL term needs the reference "
                          "model's log-probs)")
-    if eps_high is None:
-        eps_high = eps_low
-    for name, e in (("eps_low", eps_low), ("eps_high", eps_high)):
-        if isinstance(e, bool) or not isinstance(e, (int, float)) or not (0 <= e < math.inf):
-            raise _err(name, "a finite float >= 0", e)
-    if eps_low >= 1:
-        raise _err("eps_low", "a float in [0, 1) (the ratio is clipped below at 1 - eps_low)",
-                   eps_low)
-    if loss_type not in LOSS_TYPES:
-        raise _err("loss_type", f"one of {LOSS_TYPES}", repr(loss_type))
     if max_completion_length is None:  # only dr_grpo uses it
         max_completion_length = _longest_sequence(cu_seqlens, T, check_values) \
-            if loss_type == "dr_grpo" else 1
+            if options.loss_type == "dr_grpo" else 1
     if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) or \
             max_completion_length < 1:
         raise _err("max_completion_length", "an int >= 1", max_completion_length)
@@ -328,6 +346,7 @@ def prepare_batch(hidden, weight, targets, advantages=None, *, rewards=None, gro
         seq_id=seq_id, cu_seqlens=cu, active=active, has_mask=has_mask, out_shape=(B, T),
         advantages=adv_flat, rewards=rew, group_size=group_size,
         old_logp=per_tok["old_logp"], ref_logp=per_tok["ref_logp"],
-        importance_weights=per_tok["importance_weights"], beta=beta, eps_low=float(eps_low),
-        eps_high=float(eps_high), temperature=float(temperature), loss_type=loss_type,
-        max_completion_length=max_completion_length, num_items=num_items)
+        importance_weights=per_tok["importance_weights"], iw_per_sequence=iw_per_sequence,
+        sampling_logp=per_tok["sampling_logp"], beta=beta, options=options,
+        temperature=float(temperature), max_completion_length=max_completion_length,
+        num_items=num_items)

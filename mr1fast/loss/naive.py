@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 
 def naive_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0,
-                         want_entropy=False):
-    """fp32 logp [...] (fp64 for fp64 inputs) and, when want_entropy, the entropy (not
-    differentiable; else None). The entropy costs another full-vocabulary pass, so the
+                         want_entropy=False, entropy_grad=False):
+    """fp32 logp [...] (fp64 for fp64 inputs) and, when want_entropy, the entropy (else None;
+    differentiable when entropy_grad). The entropy costs another full-vocabulary pass, so the
     baseline only pays it when asked."""
     logits = F.linear(hidden, weight, bias)
     logits = logits / temperature
@@ -26,7 +26,8 @@ def naive_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0,
                             for r, t in zip(rows, row_targets)]).view(targets.shape)
     entropy = None
     if want_entropy:
-        with torch.no_grad():
-            logsm = torch.log_softmax(logits.float(), dim=-1)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            logsm = torch.log_softmax(logits.float() if logits.dtype != torch.float64
+                                      else logits, dim=-1)
             entropy = -(logsm.exp() * logsm).sum(-1)
     return logp.float() if logp.dtype != torch.float64 else logp, entropy

@@ -1,11 +1,13 @@
 """The loss types and their normalisers: the one owner of how per-token losses are aggregated.
 
-TRL's definitions (GRPOTrainer, loss_type=...), on S sequences with token weights m (the mask):
-- grpo:    per sequence sum(l * m) / max(sum(m), 1), then the mean over all S sequences (fully
-           masked ones count): the paper's Eq. 4;
-- bnpo:    sum(l * m) / max(sum(m), 1) over the whole batch;
-- dr_grpo: sum(l * m) / (S * max_completion_length);
-- dapo:    sum(l * m) / num_items_in_batch (default: the batch's sum(m)).
+TRL 1.16's definitions (GRPOTrainer, loss_type=...), on S sequences with token weights m (the
+mask):
+- grpo, sapo:        per sequence sum(l * m) / max(sum(m), 1), then the mean over all S
+                     sequences (fully masked ones count): the paper's Eq. 4;
+- bnpo:              sum(l * m) / max(sum(m), 1) over the whole batch;
+- dr_grpo:           sum(l * m) / (S * max_completion_length);
+- dapo, cispo, vespo: sum(l * m) / num_items_in_batch (default: the batch's sum(m));
+- luspo:             per sequence sum(l * m), then the mean over the S sequences.
 `token_scales` turns each into per-token factors s_t with loss = sum_t s_t * l_t;
 `micro_batch_weight` says how a micro-batch's loss counts in a larger batch's.
 """
@@ -15,26 +17,32 @@ from typing import Optional
 
 import torch
 
+from .options import LOSS_TYPES
+
 # What each loss type's normaliser counts. A micro-batch's share of that count is its weight in
 # the whole batch's loss (see micro_batch_weight).
 NORMALISED_BY = {"grpo": "sequences", "bnpo": "tokens", "dr_grpo": "sequences",
-                 "dapo": "tokens"}
-LOSS_TYPES = tuple(NORMALISED_BY)
+                 "dapo": "tokens", "cispo": "tokens", "sapo": "sequences", "luspo": "sequences",
+                 "vespo": "tokens"}
+assert tuple(NORMALISED_BY) == LOSS_TYPES
 
 
 def token_scales(batch) -> torch.Tensor:
     """s_t [N] with loss = sum_t s_t * loss_t, for a mr1fast.loss.inputs.TokenBatch; 0 where
     the mask is 0."""
     m, S = batch.mask, batch.n_seqs
-    if batch.loss_type == "grpo":
+    loss_type = batch.options.loss_type
+    if loss_type in ("grpo", "sapo"):
         # Segment sums by cumsum differences: deterministic, unlike index_add on CUDA.
         csum = torch.cat([m.new_zeros(1), torch.cumsum(m, 0)])
         counts = csum[batch.cu_seqlens[1:]] - csum[batch.cu_seqlens[:-1]]
         return m / (S * counts.clamp(min=1.0))[batch.seq_id]
-    if batch.loss_type == "bnpo":
+    if loss_type == "bnpo":
         return m / m.sum().clamp(min=1.0)
-    if batch.loss_type == "dr_grpo":
+    if loss_type == "dr_grpo":
         return m / (S * batch.max_completion_length)
+    if loss_type == "luspo":
+        return m / S
     return m / batch.num_items
 
 
