@@ -192,7 +192,8 @@ def make_stats(batch: TokenBatch, kt: KernelTokens, logp, parts: dict, entropy=N
         if not x.numel():
             return torch.zeros((), device=m.device)
         first = torch.zeros(kt.n_seqs, dtype=torch.float32, device=m.device)
-        first = first.index_reduce(0, kt.seq, x.detach().float(), "amax", include_self=False)
+        first = first.scatter_reduce(0, kt.seq, x.detach().float(), "amax",
+                                     include_self=False)
         return first.sum() / max(kt.n_seqs, 1)
 
     if batch.active is None:  # every token computed; masked ones already hold logp 0
