@@ -147,3 +147,19 @@ def test_beta_schedule_keys_are_the_schedules_own_parameters():
     assert cfg.grpo.beta_schedule["beta_start"] == 0.01  # YAML 1.1's string "1e-2" read as a float
     cfg = load_config(None, ["grpo.beta_schedule={kind: grpo_d, preset: geometry}"])
     assert kl_schedule(cfg.grpo.beta_schedule, 10)(0) == pytest.approx(0.01)
+
+
+def test_loss_options_are_validated_by_the_loss_library():
+    from mr1fast.trainer.config import loss_options
+    from mr1fast.trainer.errors import UsageError
+    cfg = from_dict({"grpo": {"loss_type": "sapo", "loss": {"importance_sampling_level":
+                                                             "sequence", "delta": "1.5"}}},
+                    base=embedded_default())
+    o = loss_options(cfg.grpo)
+    assert (o.loss_type, o.importance_sampling_level, o.delta) == ("sapo", "sequence", 1.5)
+    for bad, match in (({"loss": {"dleta": 1.5}}, "grpo.loss.dleta: unknown loss option"),
+                       ({"loss": {"delta": 0.5}}, "grpo.loss.delta: expected a value > 1"),
+                       ({"loss": {"eps_low": 0.1}}, "set it as grpo.eps_low"),
+                       ({"loss_type": "ppo"}, "grpo.loss_type")):
+        with pytest.raises(UsageError, match=match):
+            from_dict({"grpo": bad}, base=embedded_default())

@@ -279,3 +279,27 @@ def test_bf16_master_weights_start_from_the_warmed_up_policy(tmp_path, cache_dir
     assert all(torch.equal(warm[k], after[k]) for k in warm)
     moved = [k for k in warm if not torch.equal(warm[k], start[k])]
     assert moved, "the warm-up must have changed the weights for this test to mean anything"
+
+
+def test_loss_options_reach_the_loss_and_micro_batches_agree(tmp_path, cache_dir):
+    """grpo.loss_type and grpo.loss's options (here cispo with sequence-level ratios, the k2
+    KL with bias correction and an entropy bonus) change the step, and micro-batches of 3
+    completions give the whole batch's loss and gradients."""
+    family = {"loss_type": "cispo", "eps_high": 2.0,
+              "loss": {"importance_sampling_level": "sequence", "kl_estimator": "k2",
+                       "use_bias_correction_kl": True, "entropy_coef": 0.05}}
+
+    def one_step(name, size, **grpo):
+        cfg = tiny_config(tmp_path / name, cache_dir, model={"packing": "padded"},
+                          grpo=dict({"max_steps": 1, "micro_batch_size": size,
+                                     "updates_per_batch": 2, "lr": 1e-3}, **grpo),
+                          eval={"limit": 2, "max_new_tokens": 4})
+        return train_grpo(cfg)["metrics"]
+
+    whole = one_step("whole", 0, **family)
+    split = one_step("split", 3, **family)
+    default = one_step("default", 0)
+    for key in ("loss", "kl", "entropy", "clip_frac", "grad_norm"):
+        assert whole[key] == pytest.approx(split[key], rel=1e-4, abs=1e-6), key
+    assert whole["reward_mean"] == default["reward_mean"]  # the same rollout ...
+    assert whole["loss"] != pytest.approx(default["loss"], rel=1e-3)  # ... another objective

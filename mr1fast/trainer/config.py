@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
+from ..loss.options import LOSS_TYPES, OPTION_NAMES, LossOptions
 from ..loss.schedules import beta_schedule, schedule_parameters
 from .errors import UsageError
 
@@ -82,7 +83,11 @@ class GRPOConfig:
     beta_schedule: dict = field(default_factory=lambda: dict(GRPO_D_DEFAULT))
     eps_low: float = 0.2
     eps_high: float = 0.2
-    loss_type: str = "grpo"           # grpo, bnpo, dr_grpo, dapo
+    loss_type: str = "grpo"           # grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo
+    # The loss's other options (mr1fast.loss.LossOptions, docs/API.md), e.g.
+    # {importance_sampling_level: sequence, delta: 1.5, entropy_coef: 0.01}; unset ones keep
+    # the paper's defaults.
+    loss: dict = field(default_factory=dict)
     rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})
     reward_timeout_s: float = 10.0
     sft_warmup_steps: int = 0         # a short SFT before GRPO (the embedded default's format warm-up)
@@ -178,7 +183,7 @@ CHOICES = {
     "model.attention": ("auto", "sdpa", "flex", "varlen"),
     "grpo.lr_schedule": ("constant", "linear", "cosine"),
     "sft.lr_schedule": ("constant", "linear", "cosine"),
-    "grpo.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
+    "grpo.loss_type": LOSS_TYPES,
     "sampler": ("auto", "vllm", "hf"),
     "vllm.importance_sampling": ("none", "token", "sequence"),
     "vllm.is_mode": ("truncate", "mask"),
@@ -309,6 +314,7 @@ def validate(cfg: Config) -> None:
         raise UsageError("config key grpo.num_generations: GRPO needs a group of >= 2 "
                          f"completions, got {cfg.grpo.num_generations}")
     _validate_beta_schedule(cfg.grpo.beta_schedule)
+    _validate_loss_options(cfg.grpo)
     if not cfg.grpo.rewards:
         raise UsageError("config key grpo.rewards: expected at least one reward, e.g. "
                          "{accuracy: 1.0, format: 1.0}")
@@ -380,6 +386,31 @@ def _validate_beta_schedule(spec: dict) -> None:
         raise UsageError(f"{key}: {e}. The {kind} schedule takes {names}; to change the kind, "
                          "give the whole mapping, e.g. grpo.beta_schedule={kind: constant, "
                          "beta: 0.04}") from None
+
+
+def loss_options(g: GRPOConfig) -> LossOptions:
+    """The grpo section's loss options (grpo.loss_type, eps_low, eps_high and grpo.loss)."""
+    return LossOptions(loss_type=g.loss_type, eps_low=g.eps_low, eps_high=g.eps_high, **g.loss)
+
+
+def _validate_loss_options(g: GRPOConfig) -> None:
+    key = "config key grpo.loss"
+    for name, value in g.loss.items():
+        if name in ("loss_type", "eps_low", "eps_high"):
+            raise UsageError(f"{key}.{name}: set it as grpo.{name}, not inside grpo.loss")
+        if name not in OPTION_NAMES:
+            raise UsageError(f"{key}.{name}: unknown loss option; the options are "
+                             f"{', '.join(n for n in OPTION_NAMES if n not in ('loss_type', 'eps_low', 'eps_high'))}")
+        if isinstance(value, str) and name not in ("importance_sampling_level", "kl_estimator"):
+            try:  # YAML 1.1 reads 1e-5 as a string
+                g.loss[name] = float(value)
+            except ValueError:
+                pass
+    try:
+        loss_options(g)
+    except ValueError as e:
+        raise UsageError(f"{key}.{e}" if not str(e).startswith(("eps", "loss_type"))
+                         else f"config key grpo.{e}") from None
 
 
 def get(cfg: Config, dotted: str):

@@ -22,6 +22,7 @@ or gradient norm (which skips the optimizer step) in Run.optimizer_step.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -35,7 +36,7 @@ from ..loss import group_advantages, grpo_loss, importance_weights, micro_batch_
     token_logprobs
 from ..rollout import HFSampler, PromptBatch, Rollout, SamplingParams, resolve_sampler
 from .checkpoint import checkpoint_problem, latest_checkpoint
-from .config import Config, kl_schedule
+from .config import Config, kl_schedule, loss_options
 from .data import DataOrder
 from .distributed import World, full_tensors, shard
 from .errors import UserError
@@ -61,6 +62,8 @@ def train_grpo(cfg: Config, *, on_step: Optional[Callable[[int, dict], None]] = 
 
 def _train_grpo(cfg: Config, world: World, device: torch.device, on_step) -> dict:
     g = cfg.grpo
+    options = loss_options(g)
+    loss_kwargs = dataclasses.asdict(options)
     per_step = {"grpo.prompts_per_step": g.prompts_per_step}
     if g.sft_warmup_steps > 0:
         per_step["sft.batch_size"] = cfg.sft.batch_size
@@ -129,7 +132,7 @@ def _train_grpo(cfg: Config, world: World, device: torch.device, on_step) -> dic
             completions = encoder.decode(ids, mask)
             scored = rewards(completions, [e.reward_row() for e in examples for _ in range(G)])
             reward = torch.tensor(scored.total, dtype=torch.float32, device=device)
-            advantages = group_advantages(reward, G)
+            advantages = group_advantages(reward, G, eps=options.advantage_eps)
             # The loss is normalised over the global batch: P * G sequences, all ranks' tokens.
             total_tokens = world.sum(mask.sum().clone())
             t_reward = time.perf_counter()
@@ -146,6 +149,9 @@ def _train_grpo(cfg: Config, world: World, device: torch.device, on_step) -> dic
                 is_weights, is_stats = importance_weights(
                     trainer_logp, rollout.logprobs, mask, level=cfg.vllm.importance_sampling,
                     mode=cfg.vllm.is_mode, cap=cfg.vllm.is_cap)
+            # The sampler's own log-probs (vLLM), for the off-policy sequence mask.
+            sampling_logp = getattr(rollout, "logprobs", None) \
+                if options.off_policy_mask_threshold is not None else None
             ref_logp = logprobs(batch, ref, fit, cfg.model.impl, g.temperature) \
                 if ref is not None else None
             t_ref = time.perf_counter()
@@ -165,8 +171,8 @@ def _train_grpo(cfg: Config, world: World, device: torch.device, on_step) -> dic
                                 batch.rows(advantages, mb), mask=take(mask),
                                 old_logp=take(old_logp), ref_logp=take(ref_logp),
                                 importance_weights=take(is_weights), beta=beta,
-                                eps_low=g.eps_low, eps_high=g.eps_high,
-                                temperature=g.temperature, loss_type=g.loss_type,
+                                sampling_logp=take(sampling_logp), **loss_kwargs,
+                                temperature=g.temperature,
                                 max_completion_length=g.max_completion_length,
                                 cu_seqlens=batch.cu_seqlens(mb), return_entropy=True,
                                 impl=cfg.model.impl, check_values=False))
