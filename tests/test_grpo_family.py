@@ -312,3 +312,13 @@ def test_importance_weights_shapes():
     b, _ = grpo_loss(h, w, y, adv, importance_weights=torch.full((B, T), 0.5, dtype=h.dtype),
                      impl="torch", **kw)
     assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_a_tensor_beta_above_zero_needs_ref_logp():
+    h, w, y, adv, kw = make_inputs()
+    del kw["ref_logp"]
+    kw["beta"] = torch.tensor(0.1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="ref_logp: required"):
+        grpo_loss(h, w, y, adv, impl="torch", **kw)
+    kw["beta"] = torch.tensor(0.0, dtype=torch.float64)
+    assert torch.isfinite(grpo_loss(h, w, y, adv, impl="torch", **kw)[0])

@@ -142,34 +142,18 @@ class _Head:
         self.bias, self.temperature = bias, temperature
 
     def log_softmax(self, h):
-        """log-softmax [R, V] of a chunk of rows h [R, d] (accumulation dtype) and its lse."""
+        """log-softmax [R, V] of a chunk of rows h [R, d] (accumulation dtype)."""
         z = matmul_acc(h, self.w.t())
         if self.bias is not None:
             z += self.bias
         if self.temperature != 1.0:
             z /= self.temperature
-        lse = torch.logsumexp(z, dim=1)
-        return z.sub_(lse[:, None]), lse
+        return torch.log_softmax(z, dim=1)
 
 
 def _entropy(p, logsm):
     """-sum p log p per row, without a [R, V] temporary."""
     return -torch.bmm(p[:, None, :], logsm[:, :, None]).view(-1)
-
-
-def _dlogits(logsm, p, y, g, g_ent, temperature):
-    """d loss / d logits [R, V] (in p's storage; logsm is overwritten) from the per-row
-    d loss / d logp g and d loss / d entropy g_ent (or None):
-    g * (onehot - p) - g_ent * p * (log p + H) for the entropy H."""
-    if g_ent is None:
-        dz = p.mul_(-g[:, None])
-    else:
-        h = _entropy(p, logsm)
-        dz = p.mul_(logsm.add_(h[:, None]).mul_(g_ent[:, None]).add_(g[:, None])).neg_()
-    dz.scatter_add_(1, y[:, None], g[:, None].to(dz.dtype))
-    if temperature != 1.0:
-        dz /= temperature
-    return dz
 
 
 class _Grads:
@@ -182,7 +166,33 @@ class _Grads:
         self.db = torch.zeros(weight.shape[0], dtype=dt, device=hidden.device) \
             if bias is not None and need[2] else None
 
-    def add(self, n0, n1, dz, h, head):
+    def add(self, n0, n1, h, y, logsm, p, g, g_ent, head):
+        """Adds the chunk's gradients, dlogits = (g * (onehot(y) - p) - g_ent * p * (log p +
+        H)) / temperature for d loss / d logp g and d loss / d entropy g_ent [R]. Without an
+        entropy gradient, dlogits is never formed: -g * p enters the GEMMs as row scales
+        (dH = -g * (p @ W) + g * W[y], dW = -p^T (g * h) + rows y of g * h), which saves a pass
+        over the [R, V] chunk."""
+        if head.temperature != 1.0:
+            g = g / head.temperature
+            g_ent = None if g_ent is None else g_ent / head.temperature
+        gh = g[:, None] * h
+        if g_ent is None:
+            if self.dh is not None:
+                self.dh[n0:n1] = matmul_acc(p, head.w).mul_(-g[:, None]) \
+                    + g[:, None] * head.w[y].to(g.dtype)
+            if self.dw is not None:
+                if p.is_cuda:
+                    self.dw -= matmul_acc(p.t(), gh)
+                else:
+                    self.dw.addmm_(p.t(), gh, alpha=-1.0)
+                self.dw.index_add_(0, y, gh)
+            if self.db is not None:
+                self.db -= p.t() @ g
+                self.db.index_add_(0, y, g)
+            return
+        ent = _entropy(p, logsm)
+        dz = p.mul_(logsm.add_(ent[:, None]).mul_(g_ent[:, None]).add_(g[:, None])).neg_()
+        dz.scatter_add_(1, y[:, None], g[:, None].to(dz.dtype))
         if self.dh is not None:
             self.dh[n0:n1] = matmul_acc(dz, head.w)
         if self.dw is not None:
@@ -235,7 +245,7 @@ class ChunkedGRPOLoss(torch.autograd.Function):
         for n0 in range(0, n, rows):
             n1 = min(n0 + rows, n)
             h, y = h_all[n0:n1], targets[n0:n1]
-            logsm, _ = head.log_softmax(h)
+            logsm = head.log_softmax(h)
             logp[n0:n1] = logsm.gather(1, y[:, None]).squeeze(1).clamp(max=0.0)
             p = torch.exp(logsm) if (want_entropy or one_pass) else None
             if want_entropy:
@@ -247,7 +257,7 @@ class ChunkedGRPOLoss(torch.autograd.Function):
                     None if ent is None else ent[n0:n1], need_ent_grad)
                 losses.append(loss)
                 parts.append(part)
-                grads.add(n0, n1, _dlogits(logsm, p, y, g, g_ent, temperature), h, head)
+                grads.add(n0, n1, h, y, logsm, p, g, g_ent, head)
         if one_pass:
             loss = torch.stack(losses).sum()
             parts = {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts])
@@ -260,10 +270,9 @@ class ChunkedGRPOLoss(torch.autograd.Function):
                 for n0 in range(0, n, rows):
                     n1 = min(n0 + rows, n)
                     h, y = h_all[n0:n1], targets[n0:n1]
-                    logsm, _ = head.log_softmax(h)
-                    dz = _dlogits(logsm, torch.exp(logsm), y, g[n0:n1],
-                                  None if g_ent is None else g_ent[n0:n1], temperature)
-                    grads.add(n0, n1, dz, h, head)
+                    logsm = head.log_softmax(h)
+                    grads.add(n0, n1, h, y, logsm, torch.exp(logsm), g[n0:n1],
+                              None if g_ent is None else g_ent[n0:n1], head)
         if grad:
             ctx.grads = (None if grads.dh is None else grads.dh.to(hidden.dtype),
                          None if grads.dw is None else grads.dw.to(weight.dtype),

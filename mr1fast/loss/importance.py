@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-LEVELS = ("token", "sequence")
+from .options import LEVELS
+
 MODES = ("truncate", "mask")
 
 

@@ -50,7 +50,7 @@ def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     if weight.shape[0] < 1:
         raise _err("weight", "at least one vocabulary row", weight)
     if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
-        raise _err("targets", "an int64 tensor of token ids", targets)
+        raise _err("targets", "an int64 (or int32) tensor of token ids", targets)
     if targets.shape != hidden.shape[:-1]:
         raise _err("targets", f"shape {tuple(hidden.shape[:-1])} (hidden without its last dim)",
                    targets)
@@ -311,6 +311,9 @@ def prepare_batch(hidden, weight, targets, advantages=None, *, rewards=None, gro
             raise _err("beta", f"a tensor on {dev} (read on the device, no host sync)", beta)
         if check_values and not (bool(torch.isfinite(beta)) and bool(beta >= 0)):
             raise ValueError(f"beta: expected a finite value >= 0, got {beta.item()}")
+        if check_values and ref_logp is None and bool(beta > 0):
+            raise ValueError("ref_logp: required when beta > 0 (the KL term needs the reference "
+                             "model's log-probs)")
     elif isinstance(beta, bool) or not isinstance(beta, (int, float)) or \
             not (math.isfinite(beta) and beta >= 0):
         raise _err("beta", "a finite float >= 0 or a 0-d tensor", beta)
