@@ -8,7 +8,8 @@ fills the GPU. `_merge_partials` folds the splits into lse, logp and entropy (in
 `_token_logprobs_merge_kernel` here, and inside the GRPO epilogue in grpo_loss.py).
 
 Backward: `_token_logprobs_bwd_kernel` recomputes logit tiles and writes
-dlogits = g * (onehot - softmax) / T into a bounded scratch chunk (SCRATCH_BYTES, 256 MiB by
+dlogits = (g * (onehot - p) - g_H * p * (log p + H)) / T (g and g_H: the incoming gradients of
+the token's log-prob and entropy H, p = softmax) into a bounded scratch chunk (SCRATCH_BYTES, 256 MiB by
 default, never N x V), which cuBLAS turns into dH and dW (fp32 accumulation, fp32 output).
 Chunks run over the vocabulary first, so at the Qwen2-VL-2B shape one chunk holds every token
 and dW needs no cross-chunk accumulation. No atomics anywhere: the result is bitwise
@@ -157,11 +158,12 @@ if triton is not None:
 
     @triton.jit
     def _token_logprobs_bwd_kernel(
-            h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dz_ptr,
+            h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, ent_ptr, g_ent_ptr, dz_ptr,
             n_tokens, vocab, v_offset, hidden_dim, stride_h, stride_w, stride_dz,
             inv_temperature, UPCAST: tl.constexpr, FP32_DOT: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-        """dz = g * (onehot - softmax) / T for one (token tile, vocabulary tile) of a chunk."""
+        """dz = (g * (onehot - p) - g_ent * p * (log p + H)) / T for one (token tile, vocabulary
+        tile) of a chunk; ent_ptr (H) and g_ent_ptr are None when the entropy has no gradient."""
         pid = tl.program_id(0)
         n_tiles_n = tl.cdiv(n_tokens, BLOCK_N)
         pid_n = pid % n_tiles_n  # token tiles vary fastest: neighbours share the weight tile
@@ -177,7 +179,14 @@ if triton is not None:
         y = tl.load(y_ptr + rows, mask=row_ok, other=-1) - v_offset
         p = tl.exp(z - lse[:, None])
         onehot = (cols[None, :] == y[:, None]).to(tl.float32)
-        dz = g[:, None] * (onehot - p) * inv_temperature
+        dz = g[:, None] * (onehot - p)
+        if g_ent_ptr is not None:
+            # d H / d z_j = -p_j (log p_j + H), H = -sum_j p_j log p_j the row's entropy.
+            h = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+            g_ent = tl.load(g_ent_ptr + rows, mask=row_ok, other=0.0)
+            log_p = tl.where(col_ok[None, :], z - lse[:, None], 0.0)  # no 0 * -inf past V
+            dz -= g_ent[:, None] * p * (log_p + h[:, None])
+        dz = dz * inv_temperature
         tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :],
                  dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -285,8 +294,10 @@ def token_logprobs_forward(hidden, weight, bias, targets, temperature, num_split
 
 
 def token_logprobs_backward(hidden, weight, bias, targets, lse, grad_logp, temperature,
-                            need_hidden=True, need_weight=True):
-    """dH, dW, db of sum(grad_logp * logp), through the bounded dlogits scratch (module doc)."""
+                            need_hidden=True, need_weight=True, entropy=None, grad_entropy=None):
+    """dH, dW, db of sum(grad_logp * logp + grad_entropy * entropy), through the bounded dlogits
+    scratch (module doc). grad_logp [n]; entropy (the forward's) and grad_entropy [n], or both
+    None when the entropy has no gradient."""
     n, d = hidden.shape
     V = weight.shape[0]
     cfg = block_config(n, V, d, hidden.dtype)
@@ -298,6 +309,8 @@ def token_logprobs_backward(hidden, weight, bias, targets, lse, grad_logp, tempe
     scratch = torch.empty(min(n_chunk, n) * min(v_chunk, V), dtype=dz_dtype,
                           device=hidden.device)
     g = grad_logp.float().contiguous()
+    g_ent = None if grad_entropy is None else grad_entropy.float().contiguous()
+    entropy = None if entropy is None else entropy.float().contiguous()
     dh = torch.zeros(n, d, dtype=torch.float32, device=hidden.device) if need_hidden else None
     dw = torch.empty_like(weight) if need_weight else None
     db = torch.zeros(V, dtype=torch.float32, device=hidden.device) if bias is not None else None
@@ -312,7 +325,9 @@ def token_logprobs_backward(hidden, weight, bias, targets, lse, grad_logp, tempe
             with on_device(hidden.device):
                 _token_logprobs_bwd_kernel[grid](
                     hidden[n0:n1], w_c, None if bias is None else bias[v0:v1],
-                    targets[n0:n1], lse[n0:n1], g[n0:n1], dz, n1 - n0, v1 - v0, v0, d,
+                    targets[n0:n1], lse[n0:n1], g[n0:n1],
+                    None if g_ent is None else entropy[n0:n1],
+                    None if g_ent is None else g_ent[n0:n1], dz, n1 - n0, v1 - v0, v0, d,
                     hidden.stride(0), weight.stride(0), dz.stride(0), 1.0 / temperature,
                     **dtype_flags(hidden.dtype), **cfg)
             if dh is not None:
@@ -330,21 +345,24 @@ def token_logprobs_backward(hidden, weight, bias, targets, lse, grad_logp, tempe
 
 class TokenLogprobsFunction(torch.autograd.Function):
     """(hidden [n, d], weight [V, d], bias [V] or None, targets [n] int64, temperature) ->
-    (logp [n], entropy [n]), fp32, all inputs contiguous. Differentiable w.r.t. hidden, weight
-    and bias through logp; the entropy is not differentiable."""
+    (logp [n], entropy [n]), fp32, all inputs contiguous. Both outputs are differentiable w.r.t.
+    hidden, weight and bias; the entropy's gradient costs nothing when it is unused."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature):
         logp, lse, entropy = token_logprobs_forward(hidden, weight, bias, targets, temperature)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.temperature = temperature
-        ctx.mark_non_differentiable(entropy)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
         return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_entropy):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        dh, dw, db = token_logprobs_backward(hidden, weight, bias, targets, lse, grad_logp,
-                                             ctx.temperature, ctx.needs_input_grad[0],
-                                             ctx.needs_input_grad[1])
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
+        dh, dw, db = token_logprobs_backward(
+            hidden, weight, bias, targets, lse, grad_logp, ctx.temperature,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            entropy=None if grad_entropy is None else entropy, grad_entropy=grad_entropy)
         return dh, dw, db, None, None

@@ -1,16 +1,18 @@
 """impl="triton": the loss library's side of the fused kernels (mr1fast.kernels).
 
-The kernels take plain tensors; this module turns a validated TokenBatch into them (the kernel
-tokens, fp32 per-token inputs, the normalisers, the advantage epsilon) and their per-token
-outputs into the stats. Nothing here reads a device value on the host.
+The kernels take plain tensors and the options; this module turns a validated TokenBatch into
+them (the kernel tokens and where each sequence starts, fp32 per-token inputs, the
+normalisers) and their per-token outputs into the stats. Every objective runs in the kernels'
+epilogue (its top-entropy threshold in torch: mr1fast.kernels.grpo_loss). Nothing here reads a
+device value on the host.
 """
 from __future__ import annotations
 
 import torch
 
 from .inputs import TokenBatch
-from .options import LossOptions
-from .reference import KernelTokens, make_stats, objective
+from .options import VESPO_LOG_MAX, VESPO_LOG_MIN
+from .reference import KernelTokens, make_stats
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype):
@@ -23,53 +25,54 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype):
 
 
 def triton_token_logprobs(hidden, weight, bias, targets, temperature):
-    """(logp, entropy) [n] fp32 of hidden [n, d] through the fused kernels."""
+    """(logp, entropy) [n] fp32 of hidden [n, d] through the fused kernels; the entropy is
+    detached, as token_logprobs documents it for every impl (TokenLogprobsFunction itself
+    differentiates it)."""
     from mr1fast.kernels.token_logprobs import TokenLogprobsFunction
 
-    return TokenLogprobsFunction.apply(hidden.contiguous(), weight.contiguous(),
-                                       None if bias is None else bias.contiguous(),
-                                       targets.contiguous(), temperature)
+    logp, entropy = TokenLogprobsFunction.apply(hidden.contiguous(), weight.contiguous(),
+                                                None if bias is None else bias.contiguous(),
+                                                targets.contiguous(), temperature)
+    return logp, entropy.detach()
 
 
 def _f32(x):
     return None if x is None else x.float().contiguous()
 
 
-def fused_epilogue_covers(options: LossOptions) -> bool:
-    """Whether the Triton epilogue computes this objective in the kernel; the other objectives
-    run the fused log-probs and entropies, then reference.objective's O(n) torch ops."""
-    return (options.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo")
-            and options.token_separable and options.kl_estimator == "k3"
-            and not options.use_bias_correction_kl and options.delta is None
-            and options.dual_clip is None and options.entropy_coef == 0.0)
+def kernel_cu_seqlens(batch: TokenBatch, kt: KernelTokens) -> torch.Tensor:
+    """[S + 1] int64: where each sequence's tokens start on the kernel-token axis (the kept
+    tokens stay in order, so each sequence's are contiguous; no host sync)."""
+    if batch.active is None:
+        return batch.cu_seqlens
+    return torch.searchsorted(kt.seq, torch.arange(batch.n_seqs + 1, device=kt.seq.device))
 
 
 def triton_grpo_loss(batch: TokenBatch, weight, bias, return_entropy: bool):
-    """grpo_loss on the kernel tokens of a validated batch through the fused kernels."""
+    """grpo_loss on the kernel tokens of a validated batch through the fused kernels: every
+    objective of reference.objective runs in the epilogue (mr1fast.kernels.grpo_loss)."""
     from mr1fast.kernels.grpo_loss import GRPOLossFunction
 
     o = batch.options
     kt = KernelTokens(batch)
-    if not fused_epilogue_covers(o):
-        if o.needs_entropy_grad:
-            raise NotImplementedError("entropy_coef != 0 with impl='triton': the entropy's "
-                                      "gradient is not in the Triton backward yet; use "
-                                      "impl='torch'")
-        logp, ent = triton_token_logprobs(batch.take(batch.hidden), weight, bias,
-                                          batch.take(batch.targets), batch.temperature)
-        loss, parts = objective(batch, kt, logp, ent)
-        return loss, make_stats(batch, kt, logp, parts, ent if return_entropy else None)
     from_rewards = batch.rewards is not None
-    beta = batch.beta.reshape(1).float() if isinstance(batch.beta, torch.Tensor) \
-        else float(batch.beta)
-    loss, logp, kl, low, high, ent = GRPOLossFunction.apply(
+    inputs = dict(
+        scale=_f32(kt.scale), cu_seqlens=kernel_cu_seqlens(batch, kt),
+        vespo_log_range=(VESPO_LOG_MIN, VESPO_LOG_MAX),
+        # Token weights: fractional ones weigh the sequence means and the entropy bonus.
+        mask=_f32(kt.mask),
+        advantages=None if from_rewards else _f32(batch.take(batch.advantages)),
+        rewards=_f32(batch.rewards), group_size=batch.group_size if from_rewards else 0,
+        old_logp=_f32(batch.take(batch.old_logp)), ref_logp=_f32(batch.take(batch.ref_logp)),
+        importance_weights=_f32(batch.take(batch.importance_weights)),
+        iw_per_sequence=batch.iw_per_sequence,
+        sampling_logp=_f32(batch.take(batch.sampling_logp)),
+        beta=batch.beta.reshape(1).float() if isinstance(batch.beta, torch.Tensor)
+        else float(batch.beta))
+    loss, logp, ent, kl, low, high, phi = GRPOLossFunction.apply(
         batch.take(batch.hidden).contiguous(), weight.contiguous(),
         None if bias is None else bias.contiguous(), batch.take(batch.targets).contiguous(),
-        _f32(kt.scale), _f32(batch.take(batch.advantages)),
-        _f32(batch.rewards), batch.take(batch.seq_id).contiguous() if from_rewards else None,
-        batch.group_size if from_rewards else 0, o.advantage_eps,
-        _f32(batch.take(batch.old_logp)), _f32(batch.take(batch.ref_logp)),
-        _f32(batch.take(batch.importance_weights)), _f32(batch.kernel_mask), beta,
-        o.eps_low, o.eps_high, o.log_ratio_clamp, batch.temperature)
-    parts = {"kl": kl, "low": low.bool(), "high": high.bool(), "phi": None}
+        batch.temperature, o, inputs)
+    parts = {"kl": kl, "low": low.bool(), "high": high.bool(),
+             "phi": phi if o.loss_type == "vespo" else None}
     return loss, make_stats(batch, kt, logp, parts, ent if return_entropy else None)
