@@ -5,8 +5,9 @@ point, so the growth of time and memory with each is visible.
     pytest bench/bench_grpo_loss.py --benchmark-only [--save-results]     (or: mr1fast bench)
 
 Providers: mr1fast's impls (triton on a GPU, torch, naive = TRL's full-logits path), Liger's
-LigerFusedLinearGRPOLoss (grpo_loss only, when installed) and, on a GPU, the same-run cuBLAS
-GEMM floor (the logits, dH and dW GEMMs alone). Records per measurement: time (median ms),
+LigerFusedLinearGRPOLoss (grpo_loss only, when installed) and the same-run GEMM floor: the
+logits, dH and dW matrix multiplications alone (6NdV with torch.mm: "cublas_floor" on a GPU,
+"mm_floor" on the CPU), the work the op cannot avoid. Records per measurement: time (median ms),
 achieved TFLOP/s (counting 2NdV forward, 4NdV backward, 6NdV both: the algorithmic minimum, so
 a recomputing kernel is not credited for its extra work) and peak memory beyond the inputs: on
 CUDA the max allocated minus inputs (and minus the returned gradients); on CPU the peak RSS of a
@@ -53,8 +54,9 @@ GPU_SHAPES = {
     **_scan(dict(N=8192, d=3584, V=152064), {}, torch.bfloat16),  # Qwen2.5-VL-7B
 }
 SHAPES = GPU_SHAPES if ON_GPU else CPU_SHAPES
-OPS = {"grpo_loss": (["triton", "torch", "naive", "liger", "cublas_floor"] if ON_GPU
-                     else ["torch", "naive", "liger"]),
+FLOOR = "cublas_floor" if ON_GPU else "mm_floor"
+OPS = {"grpo_loss": (["triton", "torch", "naive", "liger", FLOOR] if ON_GPU
+                     else ["torch", "naive", "liger", FLOOR]),
        "token_logprobs": ["triton", "torch", "naive"] if ON_GPU else ["torch", "naive"]}
 CASES = [(op, p, mode, s) for op, providers in OPS.items() for s in SHAPES for p in providers
          for mode in MODES]
@@ -96,7 +98,7 @@ def make_forward(op, provider, x):
     raise ValueError(provider)
 
 
-def cublas_floor(x, mode):
+def gemm_floor(x, mode):
     """The GEMMs alone (bounded logits chunks): forward logits; backward dH and dW."""
     h2 = x["h"].detach().reshape(-1, x["h"].shape[-1])
     w = x["w"].detach()
@@ -117,8 +119,8 @@ def make_step(op, provider, mode, x):
         for t in (x["h"], x["w"]):
             t.grad = None
 
-    if provider == "cublas_floor":
-        return clear, cublas_floor(x, mode)
+    if provider == FLOOR:
+        return clear, gemm_floor(x, mode)
     forward = make_forward(op, provider, x)
     if mode == "fwd":
         def run():
@@ -199,7 +201,7 @@ def test_kernel(benchmark, records, op, provider, mode, shape_name):
     records.append(record(op, provider, mode, dims, shape["dtype"], "time", median * 1e3, "ms"))
     records.append(record(op, provider, mode, dims, shape["dtype"], "tflops",
                           FLOPS_PER_NDV[mode] * n * d * v / median / 1e12, "TFLOP/s"))
-    if provider != "cublas_floor" and (ON_GPU or mode != "bwd"):
+    if provider != FLOOR and (ON_GPU or mode != "bwd"):
         extra = extra_peak_bytes(op, provider, mode, shape, x) / 2 ** 20
         records.append(record(op, provider, mode, dims, shape["dtype"], "extra_peak_memory",
                               extra, "MiB"))
@@ -217,7 +219,7 @@ def _value(records, shape, op, impl, mode, metric):
 
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_targets(benchmark, records, shape_name):
-    """The loss's targets as ratios against naive (and the GEMM floor on GPU), all measured in
+    """The loss's targets as ratios against naive, Liger and the GEMM floor, all measured in
     this run. (It takes the benchmark fixture only so that --benchmark-only runs it.)"""
     shape = SHAPES[shape_name]
     ours = "triton" if ON_GPU else "torch"
@@ -229,9 +231,18 @@ def test_targets(benchmark, records, shape_name):
     m_ours, m_naive = get(ours, "extra_peak_memory"), get("naive", "extra_peak_memory")
     print(f"\n{shape_name}: {ours}/naive time {t_ours / t_naive:.2f}x, "
           f"extra peak {m_ours:.0f} / {m_naive:.0f} MiB = {m_ours / max(m_naive, 1e-9):.2f}x")
+    floor = get(FLOOR, "time")
+    print(f"{shape_name}: {ours} / {FLOOR} {t_ours / floor:.2f}x")
+    if not ON_GPU and _available("liger"):
+        t_liger, m_liger = get("liger", "time"), get("liger", "extra_peak_memory")
+        print(f"{shape_name}: torch / liger time {t_ours / t_liger:.2f}x, extra peak "
+              f"{m_ours:.0f} / {m_liger:.0f} MiB")
+        # Issue 16's CPU targets: faster than Liger's chunked loss, no more memory, and
+        # within 1.3x of the matrix multiplications the op cannot avoid.
+        assert t_ours <= 0.9 * t_liger, f"torch {t_ours:.1f} ms > 0.9 x liger {t_liger:.1f} ms"
+        assert m_ours <= m_liger, f"torch extra peak {m_ours:.0f} MiB > liger's {m_liger:.0f}"
+        assert t_ours <= 1.3 * floor, f"torch {t_ours:.1f} ms > 1.3 x mm floor {floor:.1f} ms"
     if ON_GPU:
-        floor = get("cublas_floor", "time")
-        print(f"{shape_name}: triton / cuBLAS floor {t_ours / floor:.2f}x")
         assert t_ours < t_naive
         assert t_ours <= 1.3 * floor, f"triton {t_ours:.1f} ms > 1.3 x floor {floor:.1f} ms"
         if shape["d"] == 1536 and shape["V"] == 151936 and shape["N"] == 16384:

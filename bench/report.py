@@ -45,7 +45,7 @@ def kernel_tables(recs) -> list[str]:
             shapes.append(r["shape"])
     out = []
     for op in ("grpo_loss", "token_logprobs"):
-        impls = [i for i in ("triton", "torch", "naive", "liger", "cublas_floor")
+        impls = [i for i in ("triton", "torch", "naive", "liger", "cublas_floor", "mm_floor")
                  if any(r["op"] == op and r["impl"] == i for r in recs)]
         out += [f"**{op}**, forward + backward: median time (ms) / extra peak memory (MiB)", "",
                 "| N | d | V | " + " | ".join(impls) + " |",
@@ -75,7 +75,7 @@ def scaling_plot(recs, path: Path) -> bool:
         line = sorted({s[axis] for s in shapes if all(s[k] == base[k] for k in s if k != axis)})
         for row, (metric, unit) in enumerate((("time", "ms"), ("extra_peak_memory", "MiB"))):
             ax = axes[row][col]
-            for impl in ("triton", "torch", "naive", "liger", "cublas_floor"):
+            for impl in ("triton", "torch", "naive", "liger", "cublas_floor", "mm_floor"):
                 pts = [(x, value(recs, "grpo_loss", impl, "fwd_bwd", dict(base, **{axis: x}),
                                  metric)) for x in line]
                 pts = [(x, y) for x, y in pts if y is not None]

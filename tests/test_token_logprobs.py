@@ -84,12 +84,12 @@ def test_torch_impl_gradcheck_fp64():
 
 
 def test_torch_impl_chunk_boundaries(monkeypatch):
-    """Token and vocabulary chunks that do not divide n and V give the same result."""
+    """Row chunks that do not divide n give the same result."""
     from mr1fast.loss import chunked
     inputs = make_inputs((5, 7), 32, 301, True)
     want = run("torch", *inputs, torch.float32, 1.0)
-    monkeypatch.setattr(chunked, "TOKEN_CHUNK", 8)
-    monkeypatch.setattr(chunked, "VOCAB_CHUNK", 64)
+    monkeypatch.setattr(chunked, "ROW_BUDGET", 301 * 3)
+    monkeypatch.setattr(chunked, "MIN_ROWS", 1)
     got = run("torch", *inputs, torch.float32, 1.0)
     assert_close("logp", got[0], want[0], 1e-6, 1e-6)
     assert_close("entropy", got[1], want[1], 1e-5, 1e-6)
@@ -188,3 +188,25 @@ def test_strided_bias():
     want = reference_at(torch.float32, h, w, bias.contiguous(), y, up, 1.0)
     got = run("triton", h, w, bias, y, up, torch.float32, 1.0)
     assert_close("logp", got[0], want[0], *TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("impl", ["torch", "naive"])
+def test_entropy_is_differentiable(impl):
+    """d(sum a * logp + b * entropy) against the fp64 reference (the entropy bonus's path)."""
+    hidden, weight, bias, targets, a = make_inputs((2, 4), 16, 53, True)
+    b = torch.randn(a.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+
+    def grads(fn, dtype):
+        h = hidden.to(dtype).requires_grad_()
+        w = weight.to(dtype).requires_grad_()
+        bb = bias.to(dtype).requires_grad_()
+        logp, ent = fn(h, w, bb)
+        ((logp * a.to(logp.dtype)).sum() + (ent * b.to(ent.dtype)).sum()).backward()
+        return h.grad, w.grad, bb.grad
+
+    want = grads(lambda h, w, bb: reference_token_logprobs(h, w, targets, bias=bb,
+                                                           temperature=0.7), torch.float64)
+    got = grads(lambda h, w, bb: token_logprobs(h, w, targets, bias=bb, temperature=0.7,
+                                                return_entropy=True, impl=impl), torch.float32)
+    for name, g, wnt in zip(("dH", "dW", "db"), got, want):
+        assert_close(name, g, wnt, 2e-5, 1e-4)

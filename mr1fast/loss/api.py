@@ -54,7 +54,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     hidden [..., d] (fp32, bf16, fp16; fp64 on the torch paths), weight [V, d] (the LM head,
     possibly tied to the input embedding), targets [...] int64 in [0, V). Returns fp32 log-probs
     [...] (fp64 for fp64 inputs), differentiable w.r.t. hidden, weight and bias, and with
-    return_entropy=True also the per-token softmax entropy (nats, fp32, not differentiable),
+    return_entropy=True also the per-token softmax entropy (nats, fp32, differentiable),
     computed in the same pass. No [..., V] tensor is built except by impl="naive".
     check_values=False skips the checks that sync (then the ids must be in range and hidden
     finite: nothing checks them).
@@ -69,7 +69,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         check_linear_values(hidden, weight, targets, bias=bias)
     if impl == "naive":
         logp, entropy = naive_token_logprobs(hidden, weight, targets.long(), bias, temperature,
-                                             return_entropy)
+                                             return_entropy, entropy_grad=True)
     else:
         d = hidden.shape[-1]
         logp, entropy = _flat_logprobs(impl, hidden.reshape(-1, d), weight,

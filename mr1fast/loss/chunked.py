@@ -2,10 +2,13 @@
 
 No [N, V] tensor is ever built, and nothing reads a device value on the host (no sync).
 
-token_logprobs (ChunkedTokenLogprobs): chunks over tokens and vocabulary; the forward keeps an
-online log-sum-exp (and entropy) across vocabulary chunks, the backward recomputes each logit
-chunk and turns it into dH and dW (8NdV in all, since the caller's gradient is unknown until the
-backward). Peak extra memory: a few [TOKEN_CHUNK, VOCAB_CHUNK] fp32 tiles and the gradients.
+Both work on chunks of R rows over the whole vocabulary (R = ROW_BUDGET // V, at least
+MIN_ROWS): one [R, V] log-softmax at a time, fused by torch, instead of an online log-sum-exp
+over vocabulary tiles.
+
+token_logprobs (ChunkedTokenLogprobs): the forward computes log-probs and entropies; the
+backward recomputes each chunk's logits and turns them into dH and dW (8NdV in all, since the
+caller's gradient is unknown until the backward).
 
 grpo_loss (ChunkedGRPOLoss): the loss is known inside the op, so when gradients are needed it
 forms dH, dW and db during the forward, one chunk of rows at a time over the whole vocabulary:
@@ -25,111 +28,12 @@ import torch
 
 from mr1fast.kernels.gemm import acc_dtype, matmul_acc
 
-TOKEN_CHUNK = 1024
-VOCAB_CHUNK = 8192
-ROW_BUDGET = 1 << 21   # elements of one [R, V] logits chunk of ChunkedGRPOLoss (8 MiB in fp32)
-
-
-def _logits(h, weight, bias, v0, v1, temperature):
-    z = matmul_acc(h, weight[v0:v1].t())
-    if bias is not None:
-        z += bias[v0:v1]
-    return z / temperature if temperature != 1.0 else z
-
-
-def chunked_forward(hidden, weight, bias, targets, temperature):
-    """hidden [n, d], weight [V, d], targets [n] -> logp, lse, entropy, each [n] fp32."""
-    n, V = hidden.shape[0], weight.shape[0]
-    dt = acc_dtype(hidden.dtype)
-    logp = torch.empty(n, dtype=dt, device=hidden.device)
-    lse = torch.empty_like(logp)
-    entropy = torch.empty_like(logp)
-    for n0 in range(0, n, TOKEN_CHUNK):
-        n1 = min(n0 + TOKEN_CHUNK, n)
-        h, y = hidden[n0:n1], targets[n0:n1]
-        m = torch.full((n1 - n0,), float("-inf"), dtype=dt, device=hidden.device)
-        s = torch.zeros_like(m)   # sum exp(z - m)
-        e = torch.zeros_like(m)   # sum exp(z - m) * (z - m), for the entropy
-        tgt = torch.zeros_like(m)
-        for v0 in range(0, V, VOCAB_CHUNK):
-            v1 = min(v0 + VOCAB_CHUNK, V)
-            z = _logits(h, weight, bias, v0, v1, temperature)
-            m_new = torch.maximum(m, z.amax(dim=1))
-            alpha = torch.exp(m - m_new)
-            zc = z - m_new[:, None]
-            p = torch.exp(zc)
-            shift = torch.where(s > 0, m - m_new, torch.zeros_like(s)) * s
-            e = alpha * (e + shift) + (p * zc).sum(1)
-            s = alpha * s + p.sum(1)
-            m = m_new
-            here = (y >= v0) & (y < v1)
-            picked = z.gather(1, (y - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
-            tgt = torch.where(here, picked, tgt)
-        lse[n0:n1] = m + torch.log(s)
-        logp[n0:n1] = torch.clamp(tgt - lse[n0:n1], max=0.0)
-        entropy[n0:n1] = torch.log(s) - e / s
-    return logp, lse, entropy
-
-
-def chunked_backward(hidden, weight, bias, targets, lse, grad_logp, temperature,
-                     need_hidden=True, need_weight=True):
-    """d(sum grad_logp * logp) w.r.t. hidden, weight, bias, with dlogits =
-    grad_logp * (onehot - softmax) / temperature formed one chunk at a time."""
-    n, V = hidden.shape[0], weight.shape[0]
-    dt = acc_dtype(hidden.dtype)
-    g = grad_logp.to(dt)
-    dh = torch.zeros(n, hidden.shape[1], dtype=dt, device=hidden.device) if need_hidden else None
-    dw = torch.zeros(V, weight.shape[1], dtype=dt, device=hidden.device) if need_weight else None
-    db = torch.zeros(V, dtype=dt, device=hidden.device) if bias is not None else None
-    for n0 in range(0, n, TOKEN_CHUNK):
-        n1 = min(n0 + TOKEN_CHUNK, n)
-        h, y = hidden[n0:n1], targets[n0:n1]
-        for v0 in range(0, V, VOCAB_CHUNK):
-            v1 = min(v0 + VOCAB_CHUNK, V)
-            z = _logits(h, weight, bias, v0, v1, temperature)
-            dz = torch.exp(z - lse[n0:n1, None]).mul_(-g[n0:n1, None])
-            here = (y >= v0) & (y < v1)
-            # + g at each row's target column, when it lies in this chunk (one column per row:
-            # deterministic, and no nonzero(), which would sync).
-            dz.scatter_add_(1, (y - v0).clamp(0, v1 - v0 - 1)[:, None],
-                            torch.where(here, g[n0:n1], 0.0)[:, None])
-            if temperature != 1.0:
-                dz /= temperature
-            if dh is not None:
-                dh[n0:n1] += matmul_acc(dz, weight[v0:v1])
-            if dw is not None:
-                dw[v0:v1] += matmul_acc(dz.t(), h)
-            if db is not None:
-                db[v0:v1] += dz.sum(0)
-    return (None if dh is None else dh.to(hidden.dtype),
-            None if dw is None else dw.to(weight.dtype),
-            None if db is None else db.to(bias.dtype))
-
-
-class ChunkedTokenLogprobs(torch.autograd.Function):
-    """(hidden [n, d], weight [V, d], bias [V] or None, targets [n] int64, temperature) ->
-    (logp [n], entropy [n]) in fp32 (fp64 for fp64). Differentiable w.r.t. hidden, weight and
-    bias through logp; the entropy is not differentiable."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature):
-        logp, lse, entropy = chunked_forward(hidden, weight, bias, targets, temperature)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.temperature = temperature
-        ctx.mark_non_differentiable(entropy)
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logp, _grad_entropy):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        dh, dw, db = chunked_backward(hidden, weight, bias, targets, lse, grad_logp,
-                                      ctx.temperature, ctx.needs_input_grad[0],
-                                      ctx.needs_input_grad[1])
-        return dh, dw, db, None, None
+ROW_BUDGET = 1 << 21   # elements of one [R, V] logits chunk (8 MiB in fp32) ...
+MIN_ROWS = 16          # ... but at least this many rows, for the GEMMs' sake at large V
 
 
 def _rows(V: int) -> int:
-    return max(1, ROW_BUDGET // V)
+    return max(MIN_ROWS, ROW_BUDGET // V)
 
 
 class _Head:
@@ -288,3 +192,47 @@ class ChunkedGRPOLoss(torch.autograd.Function):
         del ctx.grads
         scale = (lambda x: None if x is None else x * grad_loss.to(x.dtype))
         return scale(dh), scale(dw), scale(db), None, None, None, None, None, None
+
+
+class ChunkedTokenLogprobs(torch.autograd.Function):
+    """(hidden [n, d], weight [V, d], bias [V] or None, targets [n] int64, temperature) ->
+    (logp [n], entropy [n]) in fp32 (fp64 for fp64), both differentiable w.r.t. hidden, weight
+    and bias."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature):
+        n, V = hidden.shape[0], weight.shape[0]
+        head = _Head(weight, bias, temperature)
+        dt = acc_dtype(hidden.dtype)
+        h_all = hidden if hidden.dtype == dt else hidden.to(dt)
+        logp = torch.empty(n, dtype=dt, device=hidden.device)
+        entropy = torch.empty(n, dtype=dt, device=hidden.device)
+        for n0 in range(0, n, _rows(V)):
+            n1 = min(n0 + _rows(V), n)
+            logsm = head.log_softmax(h_all[n0:n1])
+            logp[n0:n1] = logsm.gather(1, targets[n0:n1, None]).squeeze(1).clamp(max=0.0)
+            entropy[n0:n1] = _entropy(torch.exp(logsm), logsm)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.temperature = temperature
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        n, V = hidden.shape[0], weight.shape[0]
+        need = ctx.needs_input_grad[:3]
+        head = _Head(weight, bias, ctx.temperature)
+        grads = _Grads(hidden, weight, bias, need)
+        dt = acc_dtype(hidden.dtype)
+        h_all = hidden if hidden.dtype == dt else hidden.to(dt)
+        g_all = torch.zeros(n, dtype=dt, device=hidden.device) if grad_logp is None \
+            else grad_logp.to(dt)
+        for n0 in range(0, n, _rows(V)):
+            n1 = min(n0 + _rows(V), n)
+            logsm = head.log_softmax(h_all[n0:n1])
+            grads.add(n0, n1, h_all[n0:n1], targets[n0:n1], logsm, torch.exp(logsm),
+                      g_all[n0:n1], None if grad_entropy is None else grad_entropy[n0:n1].to(dt),
+                      head)
+        cast = (lambda x, like: None if x is None else x.to(like.dtype))
+        return (cast(grads.dh, hidden), cast(grads.dw, weight),
+                None if bias is None else cast(grads.db, bias), None, None)
