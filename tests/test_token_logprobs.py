@@ -197,9 +197,9 @@ def test_entropy_is_differentiable(impl):
     b = torch.randn(a.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
 
     def grads(fn, dtype):
-        h = hidden.to(dtype).requires_grad_()
-        w = weight.to(dtype).requires_grad_()
-        bb = bias.to(dtype).requires_grad_()
+        h = hidden.detach().to(dtype).requires_grad_()
+        w = weight.detach().to(dtype).requires_grad_()
+        bb = bias.detach().to(dtype).requires_grad_()
         logp, ent = fn(h, w, bb)
         ((logp * a.to(logp.dtype)).sum() + (ent * b.to(ent.dtype)).sum()).backward()
         return h.grad, w.grad, bb.grad
