@@ -323,3 +323,15 @@ def test_a_tensor_beta_above_zero_needs_ref_logp():
         grpo_loss(h, w, y, adv, impl="torch", **kw)
     kw["beta"] = torch.tensor(0.0, dtype=torch.float64)
     assert torch.isfinite(grpo_loss(h, w, y, adv, impl="torch", **kw)[0])
+
+
+def test_masked_quantile_equals_torch_quantile():
+    from mr1fast.loss.reference import masked_quantile
+    g = torch.Generator().manual_seed(4)
+    for n in (1, 2, 7, 30):
+        x = torch.randn(n, generator=g)
+        valid = torch.rand(n, generator=g) > 0.3
+        for q in (0.0, 0.2, 0.63, 1.0):
+            got = masked_quantile(x, valid, q)
+            want = torch.quantile(x[valid], q) if valid.any() else torch.tensor(float("inf"))
+            assert torch.allclose(got, want, atol=1e-6), (n, q)

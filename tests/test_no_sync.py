@@ -141,3 +141,22 @@ def test_cuda_micro_step_has_no_host_sync(dtype):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item() and torch.isfinite(w.grad).all().item()
+
+
+@pytest.mark.parametrize("impl", ["torch", "naive"])
+@pytest.mark.parametrize("case", ["gspo_cispo_packed", "vespo_iw_token", "top_entropy",
+                                  "off_policy_mask", "delta_dual_clip", "k3_bias_corrected",
+                                  "iw_per_sequence", "token_advantages_rewards_eps"])
+def test_family_options_with_checks_off_never_sync(sync_calls, case, impl):
+    """The family's options (tests/test_grpo_family.py's cases) add no sync either: segment
+    sums, the top-entropy quantile and the off-policy mask stay on the device."""
+    from test_grpo_family import case_inputs
+    h, w, y, adv, kw = case_inputs(case)
+    kw = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+          for k, v in kw.items()}
+    hh = h.float().requires_grad_()
+    ww = w.float().requires_grad_()
+    loss, _ = grpo_loss(hh, ww, y, None if adv is None else adv.float(), return_entropy=True,
+                        impl=impl, check_values=False, **kw)
+    loss.backward()
+    assert sync_calls == [], f"syncing calls with check_values=False: {sync_calls}"

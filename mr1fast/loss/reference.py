@@ -84,6 +84,18 @@ def sequence_advantages(batch: TokenBatch) -> torch.Tensor:
     return batch.at_kernel_tokens(adv[batch.seq_id])
 
 
+def masked_quantile(x: torch.Tensor, valid: torch.Tensor, q: float) -> torch.Tensor:
+    """torch.quantile(x[valid], q) (linear interpolation) without reading the count on the
+    host (no sync); +inf when nothing is valid."""
+    k = valid.sum()
+    s = torch.sort(torch.where(valid, x, torch.full_like(x, float("inf")))).values
+    pos = (k - 1).clamp(min=0).to(x.dtype) * q
+    lo, hi = pos.floor().long().view(1), pos.ceil().long().view(1)
+    a, b = s.gather(0, lo), s.gather(0, hi)
+    value = (a + (b - a) * (pos - lo.to(x.dtype))).view(())
+    return torch.where((k > 0) & torch.isfinite(value), value, torch.full_like(value, float("inf")))
+
+
 def _vespo_phi(o, kt: KernelTokens, logp, old, adv, iw_per_sequence):
     """VESPO's sequence weight phi at every token (no gradient)."""
     with torch.no_grad():
@@ -145,12 +157,8 @@ def objective(batch: TokenBatch, kt: KernelTokens, logp: torch.Tensor,
     bonus_mask, bonus_total = m, kt.mask_total
     if o.top_entropy_quantile < 1.0:
         h = entropy.detach()
-        valid = h[m != 0].float()
-        if valid.numel():
-            threshold = torch.quantile(valid, 1.0 - o.top_entropy_quantile)
-            top = (h * m >= threshold) & (m != 0)
-        else:
-            top = no
+        threshold = masked_quantile(h.float(), m != 0, 1.0 - o.top_entropy_quantile)
+        top = (h * m >= threshold) & (m != 0)
         pg = pg * top
         bonus_mask = m * top
         bonus_total = bonus_mask.sum().clamp(min=1.0)
