@@ -99,9 +99,24 @@ def make_forward(op, provider, x):
 
 
 def gemm_floor(x, mode):
-    """The GEMMs alone (bounded logits chunks): forward logits; backward dH and dW."""
+    """The GEMMs alone: forward logits; backward dH and dW. On a GPU over bounded vocabulary
+    chunks of all rows; on the CPU over the torch impl's row chunks (full vocabulary, its
+    cache-sized blocking; all rows at once measured slower), dW accumulated in place."""
     h2 = x["h"].detach().reshape(-1, x["h"].shape[-1])
     w = x["w"].detach()
+    if not ON_GPU:
+        from mr1fast.loss.chunked import _rows
+        rows = _rows(w.shape[0])
+        dw = torch.zeros_like(w)
+
+        def run_rows():
+            for r0 in range(0, h2.shape[0], rows):
+                h = h2[r0:r0 + rows]
+                logits = h @ w.t()
+                if mode != "fwd":
+                    _ = logits @ w                # dH
+                    dw.addmm_(logits.t(), h)      # dW
+        return run_rows
     chunk = max(1, (1 << 28) // (h2.shape[0] * 2))
 
     def run():
