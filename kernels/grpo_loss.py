@@ -68,10 +68,7 @@ if triton is not None:
         weight (0 past the end), live = m != 0; a token that is not live reads logp = old = 0
         (its inputs are ignored, as in the reference), and on-policy old = logp."""
         ok = t < end
-        if mask_ptr is not None:
-            m = tl.load(mask_ptr + t, mask=ok, other=0.0)
-        else:
-            m = tl.where(ok, 1.0, 0.0)
+        m = tl.load(mask_ptr + t, mask=ok, other=0.0)
         live = m != 0.0
         logp = tl.load(logp_ptr + t, mask=live, other=0.0)
         if old_ptr is not None:
@@ -111,18 +108,15 @@ if triton is not None:
             a = capped * adv
             b = tl.minimum(tl.maximum(ratio, lo), hi) * adv
             pg = -tl.minimum(a, b)
-            # torch.min's gradient, as the reference's autograd takes it: all to the smaller
-            # side, half to each on a tie (a == b whenever the ratio lies inside the clip
-            # range and under delta); clamp passes it on inside its closed range.
-            w_a = tl.where(a < b, 1.0, tl.where(a == b, 0.5, 0.0))
-            g_ratio = -adv * (w_a * tl.where(ratio <= delta, 1.0, 0.0) +
-                              (1.0 - w_a) * tl.where((ratio >= lo) & (ratio <= hi), 1.0, 0.0))
-            if dual_clip < float("inf"):  # pg <= -dual_clip * A where A < 0, the same tie rule
+            # The gradient of the smaller side (on a tie both sides have the same derivative);
+            # each clamp passes it on inside its closed range, as torch.clamp does.
+            g_ratio = -adv * tl.where(a <= b, tl.where(ratio <= delta, 1.0, 0.0),
+                                      tl.where((ratio >= lo) & (ratio <= hi), 1.0, 0.0))
+            if dual_clip < float("inf"):  # pg <= -dual_clip * A where A < 0
                 bound = -dual_clip * adv
-                neg = adv < 0
-                g_ratio *= tl.where(neg, tl.where(pg < bound, 1.0,
-                                                  tl.where(pg == bound, 0.5, 0.0)), 1.0)
-                pg = tl.where(neg, tl.minimum(pg, bound), pg)
+                dual_clipped = (adv < 0) & (pg > bound)
+                g_ratio = tl.where(dual_clipped, 0.0, g_ratio)
+                pg = tl.where(dual_clipped, bound, pg)
             g_lr = g_ratio * ratio
             low = tl.where((capped < lo) & (adv < 0), 1.0, 0.0)
             high = tl.where((capped > hi) & (adv > 0), 1.0, 0.0)
@@ -150,7 +144,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["policy", "kl_estimator", "sequence_ratio",
                                    "bias_correction_kl", "iw_per_sequence"])
     def _grpo_loss_fwd_kernel(
-            # per token [n] fp32; None when absent (mask: every token weighs 1)
+            # per token [n] fp32 (mask: the token weights); None when absent
             logp_ptr, ent_ptr, scale_ptr, mask_ptr, adv_ptr, old_ptr, ref_ptr, iw_ptr,
             sampling_ptr, top_ptr,
             # per sequence: kernel-token offsets [S + 1] int64, rewards [S] (group advantages)
@@ -197,7 +191,7 @@ if triton is not None:
                 else:
                     acc_off += m * (old - logp)
                 if iw_ptr is not None:
-                    log_iw = tl.log(tl.load(iw_ptr + t, mask=live, other=0.0))
+                    log_iw = tl.log(tl.load(iw_ptr + t, mask=live, other=1.0))
                     acc_liw += tl.where(live, tl.minimum(tl.maximum(log_iw, vespo_log_min),
                                                          vespo_log_max), 0.0)
         count = tl.maximum(tl.sum(acc_m, axis=0), 1.0)
@@ -215,7 +209,9 @@ if triton is not None:
         # d loss / d (the sequence's log-ratio) over the sequence (sweep 0).
         acc_g = tl.zeros([BLOCK_T], dtype=tl.float32)
         for sweep in range(1 - sequence_ratio, 2):
-            seq_g = tl.sum(acc_g, axis=0) / count  # d loss / d logp_u = this * m_u (inside)
+            # d loss / d logp_u through the sequence's log-ratio: seq_g * m_u (0 where u's
+            # log-ratio is clamped)
+            seq_g = tl.sum(acc_g, axis=0) / count
             for t0 in range(start, end, BLOCK_T):
                 t = t0 + tl.arange(0, BLOCK_T)
                 ok, live, m, logp, old = _load_tokens(t, end, logp_ptr, mask_ptr, old_ptr)
@@ -287,24 +283,22 @@ def top_entropy_mask(entropy, mask, quantile):
     the (1 - quantile) quantile of the live tokens' entropies (torch.quantile's linear
     interpolation, in fp32), else 0.0; [n] fp32. The number of live tokens stays on the device:
     no host sync."""
-    live = torch.ones_like(entropy, dtype=torch.bool) if mask is None else mask != 0
-    m = live.float() if mask is None else mask
+    live = mask != 0
     n = entropy.numel()
     ordered = torch.where(live, entropy, float("inf")).sort().values  # live ones first
     last = (live.sum() - 1).clamp(min=0).float()
-    rank = torch.tensor(1.0 - quantile, dtype=torch.float32, device=entropy.device) * last
+    rank = last * (1.0 - quantile)  # fp32, as torch.quantile's; a host scalar needs no copy
     below = rank.long().clamp(max=n - 1).reshape(1)
     above = rank.ceil().long().clamp(max=n - 1).reshape(1)
     threshold = torch.lerp(ordered.gather(0, below), ordered.gather(0, above),
                            rank - rank.floor())
-    return ((entropy * m >= threshold) & live).float()
+    return ((entropy * mask >= threshold) & live).float()
 
 
-def grpo_loss_forward(hidden, weight, bias, targets, options, *, scale, cu_seqlens,
+def grpo_loss_forward(hidden, weight, bias, targets, options, *, scale, mask, cu_seqlens,
                       vespo_log_range, advantages=None, rewards=None, group_size=0,
                       old_logp=None, ref_logp=None, importance_weights=None,
-                      iw_per_sequence=False, sampling_logp=None, mask=None, beta=0.0,
-                      temperature=1.0):
+                      iw_per_sequence=False, sampling_logp=None, beta=0.0, temperature=1.0):
     """The loss's per-token values for n tokens, as a dict of [n] fp32 tensors: "loss" (the
     loss is their sum), "dlogp" and "dentropy" (d loss / d logp and / d entropy; "dentropy"
     None without an entropy bonus), "logp", "entropy", "lse", "kl", "low", "high" (clip flags
@@ -312,14 +306,16 @@ def grpo_loss_forward(hidden, weight, bias, targets, options, *, scale, cu_seqle
 
     hidden [n, d], weight [V, d], bias [V] or None, targets [n] int64: the LM head's input.
     options: mr1fast.loss.LossOptions (or any object with its attributes). scale [n] fp32: the
-    loss type's normaliser (loss = sum_t scale_t * loss_t - the entropy bonus). cu_seqlens
-    [S + 1] int64: where each sequence's tokens start on the n axis (a sequence's tokens are
-    contiguous and in order). vespo_log_range: VESPO's clamp of its log-weights (lo, hi).
+    loss type's normaliser (loss = sum_t scale_t * loss_t - the entropy bonus). mask [n] fp32:
+    the token weights (0: the token's inputs are ignored; they weigh the sequence means and the
+    entropy bonus). cu_seqlens [S + 1] int64: where each sequence's tokens start on the n axis
+    (a sequence's tokens are contiguous and in order). vespo_log_range: VESPO's clamp of its
+    log-weights (lo, hi).
     Exactly one of advantages [n] or rewards [S] with group_size (group advantages, epsilon
     options.advantage_eps). old_logp, ref_logp, importance_weights (per sequence when
     iw_per_sequence, repeated at each token), sampling_logp (the sampler's log-probs, for the
-    off-policy mask), mask (token weights; 0: the token's inputs are ignored): [n] fp32 or
-    None. beta: float or a 1-element fp32 device tensor. All tensors contiguous on one device.
+    off-policy mask): [n] fp32 or None. beta: float or a 1-element fp32 device tensor. All
+    tensors contiguous on one device.
     """
     n = hidden.shape[0]
     o = options
@@ -329,8 +325,7 @@ def grpo_loss_forward(hidden, weight, bias, targets, options, *, scale, cu_seqle
         top = top_entropy_mask(ent, mask, o.top_entropy_quantile)
     bonus_total = None
     if o.entropy_coef != 0.0:
-        weights = torch.ones_like(ent) if mask is None else mask
-        bonus_total = (weights if top is None else weights * top).sum().clamp(min=1.0)
+        bonus_total = (mask if top is None else mask * top).sum().clamp(min=1.0)
     out = torch.empty(7, n, dtype=torch.float32, device=hidden.device)
     loss_t, dlogp, dent, kl, low, high, phi = out
     beta_ptr = beta if isinstance(beta, torch.Tensor) else None

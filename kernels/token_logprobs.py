@@ -4,13 +4,13 @@ without ever writing the N x V logits.
 Forward: `_token_logprobs_fwd_kernel` computes logit tiles (hidden tile x weight tile, fp32
 accumulation) and keeps an online (max, sum-exp, entropy) per token over the vocabulary tiles of
 one vocabulary split; the grid covers token tiles x vocabulary splits so a short batch still
-fills the GPU. `_merge_partials` folds the splits into lse, logp and entropy (in
-`_token_logprobs_merge_kernel` here, and inside the GRPO epilogue in grpo_loss.py).
+fills the GPU. `_token_logprobs_merge_kernel` folds the splits into lse, logp and entropy.
 
 Backward: `_token_logprobs_bwd_kernel` recomputes logit tiles and writes
 dlogits = (g * (onehot - p) - g_H * p * (log p + H)) / T (g and g_H: the incoming gradients of
-the token's log-prob and entropy H, p = softmax) into a bounded scratch chunk (SCRATCH_BYTES, 256 MiB by
-default, never N x V), which cuBLAS turns into dH and dW (fp32 accumulation, fp32 output).
+the token's log-prob and entropy H, p = softmax) into a bounded scratch chunk (SCRATCH_BYTES,
+256 MiB by default, never N x V), which cuBLAS turns into dH and dW (fp32 accumulation, fp32
+output).
 Chunks run over the vocabulary first, so at the Qwen2-VL-2B shape one chunk holds every token
 and dW needs no cross-chunk accumulation. No atomics anywhere: the result is bitwise
 deterministic. Nothing accumulates across launches, so no output needs resetting.
@@ -121,9 +121,11 @@ if triton is not None:
         tl.store(pent_ptr + out, e, mask=row_ok)
 
     @triton.jit
-    def _merge_partials(pmax_ptr, psum_ptr, pent_ptr, tgt_ptr, rows, row_ok, n_tokens, n_splits,
-                        BLOCK_N: tl.constexpr):
-        """Folds the vocabulary splits: returns lse, logp (<= 0) and entropy, each [BLOCK_N]."""
+    def _token_logprobs_merge_kernel(pmax_ptr, psum_ptr, pent_ptr, tgt_ptr, lse_ptr, logp_ptr,
+                                     ent_ptr, n_tokens, n_splits, BLOCK_N: tl.constexpr):
+        """Folds the vocabulary splits into lse, logp (<= 0) and entropy per token."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n_tokens
         big_m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
         for sp in range(0, n_splits):
             big_m = tl.maximum(big_m, tl.load(pmax_ptr + sp * n_tokens + rows, mask=row_ok,
@@ -141,20 +143,9 @@ if triton is not None:
         log_s = tl.log(big_s)
         lse = big_m + log_s
         tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=0.0)
-        logp = tl.minimum(tgt - lse, 0.0)  # rounding must never give log p > 0
-        entropy = log_s - big_e / big_s
-        return lse, logp, entropy
-
-    @triton.jit
-    def _token_logprobs_merge_kernel(pmax_ptr, psum_ptr, pent_ptr, tgt_ptr, lse_ptr, logp_ptr,
-                                     ent_ptr, n_tokens, n_splits, BLOCK_N: tl.constexpr):
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < n_tokens
-        lse, logp, entropy = _merge_partials(pmax_ptr, psum_ptr, pent_ptr, tgt_ptr, rows, row_ok,
-                                             n_tokens, n_splits, BLOCK_N)
         tl.store(lse_ptr + rows, lse, mask=row_ok)
-        tl.store(logp_ptr + rows, logp, mask=row_ok)
-        tl.store(ent_ptr + rows, entropy, mask=row_ok)
+        tl.store(logp_ptr + rows, tl.minimum(tgt - lse, 0.0), mask=row_ok)  # never log p > 0
+        tl.store(ent_ptr + rows, log_s - big_e / big_s, mask=row_ok)
 
     @triton.jit
     def _token_logprobs_bwd_kernel(

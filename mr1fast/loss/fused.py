@@ -58,9 +58,7 @@ def triton_grpo_loss(batch: TokenBatch, weight, bias, return_entropy: bool):
     from_rewards = batch.rewards is not None
     inputs = dict(
         scale=_f32(kt.scale), cu_seqlens=kernel_cu_seqlens(batch, kt),
-        vespo_log_range=(VESPO_LOG_MIN, VESPO_LOG_MAX),
-        # Token weights: fractional ones weigh the sequence means and the entropy bonus.
-        mask=_f32(kt.mask),
+        mask=_f32(kt.mask), vespo_log_range=(VESPO_LOG_MIN, VESPO_LOG_MAX),
         advantages=None if from_rewards else _f32(batch.take(batch.advantages)),
         rewards=_f32(batch.rewards), group_size=batch.group_size if from_rewards else 0,
         old_logp=_f32(batch.take(batch.old_logp)), ref_logp=_f32(batch.take(batch.ref_logp)),
