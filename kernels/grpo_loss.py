@@ -17,9 +17,9 @@ passes over its sequence's tokens, each O(its length):
   2. (sequence-level ratio only) the sum over the sequence's tokens of d loss / d (the
      sequence's log-ratio), which every token's gradient needs;
   3. the per-token outputs.
-Only the top-entropy selection stays in torch (`top_entropy_mask`): its threshold is a quantile
-over every token's entropy, computed between the log-prob kernels and the epilogue, and reaches
-the kernel as a per-token 0/1 mask.
+Only the top-entropy selection stays in torch: its threshold is a quantile over every token's
+entropy, computed by the caller's function (grpo_loss_forward's top_entropy) between the
+log-prob kernels and the epilogue; it reaches the kernel as a per-token 0/1 mask.
 
 Runtime values (never tl.constexpr, so a new value never recompiles): every coefficient (beta,
 eps, delta, dual clip, log-ratio clamp, entropy_coef, the off-policy threshold, SAPO's and
@@ -278,27 +278,11 @@ if triton is not None:
                     tl.store(phi_ptr + t, phi, mask=ok)
 
 
-def top_entropy_mask(entropy, mask, quantile):
-    """The top-entropy selection: 1.0 where the token is live (mask != 0) and entropy * mask >=
-    the (1 - quantile) quantile of the live tokens' entropies (torch.quantile's linear
-    interpolation, in fp32), else 0.0; [n] fp32. The number of live tokens stays on the device:
-    no host sync."""
-    live = mask != 0
-    n = entropy.numel()
-    ordered = torch.where(live, entropy, float("inf")).sort().values  # live ones first
-    last = (live.sum() - 1).clamp(min=0).float()
-    rank = last * (1.0 - quantile)  # fp32, as torch.quantile's; a host scalar needs no copy
-    below = rank.long().clamp(max=n - 1).reshape(1)
-    above = rank.ceil().long().clamp(max=n - 1).reshape(1)
-    threshold = torch.lerp(ordered.gather(0, below), ordered.gather(0, above),
-                           rank - rank.floor())
-    return ((entropy * mask >= threshold) & live).float()
-
-
 def grpo_loss_forward(hidden, weight, bias, targets, options, *, scale, mask, cu_seqlens,
                       vespo_log_range, advantages=None, rewards=None, group_size=0,
                       old_logp=None, ref_logp=None, importance_weights=None,
-                      iw_per_sequence=False, sampling_logp=None, beta=0.0, temperature=1.0):
+                      iw_per_sequence=False, sampling_logp=None, top_entropy=None, beta=0.0,
+                      temperature=1.0):
     """The loss's per-token values for n tokens, as a dict of [n] fp32 tensors: "loss" (the
     loss is their sum), "dlogp" and "dentropy" (d loss / d logp and / d entropy; "dentropy"
     None without an entropy bonus), "logp", "entropy", "lse", "kl", "low", "high" (clip flags
@@ -314,15 +298,15 @@ def grpo_loss_forward(hidden, weight, bias, targets, options, *, scale, mask, cu
     Exactly one of advantages [n] or rewards [S] with group_size (group advantages, epsilon
     options.advantage_eps). old_logp, ref_logp, importance_weights (per sequence when
     iw_per_sequence, repeated at each token), sampling_logp (the sampler's log-probs, for the
-    off-policy mask): [n] fp32 or None. beta: float or a 1-element fp32 device tensor. All
-    tensors contiguous on one device.
+    off-policy mask): [n] fp32 or None. top_entropy: None (every token trains) or a function
+    (entropy [n], mask [n]) -> [n] fp32 0/1, the tokens the policy term trains on (they also
+    weigh the entropy bonus). beta: float or a 1-element fp32 device tensor. All tensors
+    contiguous on one device.
     """
     n = hidden.shape[0]
     o = options
     logp, lse, ent = token_logprobs_forward(hidden, weight, bias, targets, temperature)
-    top = None
-    if o.top_entropy_quantile < 1.0:
-        top = top_entropy_mask(ent, mask, o.top_entropy_quantile)
+    top = None if top_entropy is None else top_entropy(ent, mask)
     bonus_total = None
     if o.entropy_coef != 0.0:
         bonus_total = (mask if top is None else mask * top).sum().clamp(min=1.0)

@@ -1,6 +1,6 @@
 """grpo_loss(impl="triton") on every option of the GRPO family against the fp64 reference (loss,
 dH, dW, db, logp, stats), in fp32 and one bf16 case no worse than impl="torch"; the entropy
-gradient of TokenLogprobsFunction; no recompilation for a new coefficient or mode.
+gradient of token_logprobs; no sync; no recompilation for a new coefficient or mode.
 
 On a machine without CUDA the kernels run in Triton's CPU interpreter (conftest.py). Run as a
 script (without TRITON_INTERPRET) this file prints the specialisation keys Triton would compile
@@ -21,6 +21,7 @@ from test_no_sync import sync_calls  # noqa: F401 (the fixture)
 
 from mr1fast import token_logprobs
 from mr1fast.loss import OPTION_NAMES
+from mr1fast.loss.fused import top_entropy_selection
 from mr1fast.loss.reference import reference_token_logprobs
 
 BASE = dict(B=4, T=5, d=32, V=200, loss_type="grpo", beta=0.05, old=True, ref=True, adv="seq",
@@ -197,12 +198,9 @@ def test_bf16_no_worse_than_torch():
         assert_no_worse_than_torch(name, a, b, w, torch.bfloat16)
 
 
-def test_token_logprobs_function_differentiates_the_entropy():
-    """TokenLogprobsFunction: d(sum u * logp + v * H) and d(sum v * H) alone w.r.t. hidden,
-    weight and bias equal the fp64 reference's; the public token_logprobs keeps the entropy
-    detached, as for every impl."""
-    from mr1fast.kernels.token_logprobs import TokenLogprobsFunction
-
+def test_token_logprobs_differentiates_the_entropy():
+    """token_logprobs(impl="triton") (TokenLogprobsFunction): d(sum u * logp + v * H), and
+    d(sum v * H) alone, w.r.t. hidden, weight and bias equal the fp64 reference's."""
     g = torch.Generator().manual_seed(0)
     n, d, V, temperature = 9, 24, 301, 0.8
     h64 = torch.randn(n, d, generator=g, dtype=torch.float64)
@@ -213,7 +211,8 @@ def test_token_logprobs_function_differentiates_the_entropy():
     atol, rtol = TOLERANCES[torch.float32]
     for with_logp in (True, False):
         leaves = [x.float().requires_grad_() for x in (h64, w64, b64)]
-        logp, ent = TokenLogprobsFunction.apply(*leaves, y, temperature)
+        logp, ent = token_logprobs(leaves[0], leaves[1], y, bias=leaves[2],
+                                   temperature=temperature, return_entropy=True, impl="triton")
         ((ent * v).sum() + ((logp * u).sum() if with_logp else 0.0)).backward()
         ref = [x.float().double().requires_grad_() for x in (h64, w64, b64)]
         r_logp, r_ent = reference_token_logprobs(ref[0], ref[1], y, bias=ref[2],
@@ -221,9 +220,6 @@ def test_token_logprobs_function_differentiates_the_entropy():
         ((r_ent * v).sum() + ((r_logp * u).sum() if with_logp else 0.0)).backward()
         for name, a, b in zip(("dH", "dW", "db"), leaves, ref):
             assert_close(f"{name} (logp {with_logp})", a.grad, b.grad, atol, rtol)
-    _, ent = token_logprobs(h64.float().requires_grad_(), w64.float(), y, return_entropy=True,
-                            impl="triton")
-    assert not ent.requires_grad
 
 
 # Every argument of the epilogue that carries an option's value or a coefficient: none may be
@@ -292,11 +288,14 @@ def specialisation_keys():
     for name, options, launch in VARIANTS:
         keys.clear()
         launch = dict(dict(beta=0.05, temperature=1.0, iw_per_sequence=False), **launch)
+        options = LossOptions(**dict(BASE_OPTIONS, **options))
         gk.grpo_loss_forward(
-            h, w, None, y, LossOptions(**dict(BASE_OPTIONS, **options)), scale=t,
+            h, w, None, y, options, scale=t,
             cu_seqlens=torch.tensor([0, 5, 9, 12, 12]), vespo_log_range=(-18.4, 20.0),
             rewards=torch.rand(4, generator=g), group_size=2, old_logp=t, ref_logp=t,
-            importance_weights=t, sampling_logp=t, mask=t, **launch)
+            importance_weights=t, sampling_logp=t, mask=t,
+            top_entropy=top_entropy_selection(options.top_entropy_quantile),
+            **launch)
         tk.token_logprobs_backward(h, w, None, y, t, t, launch["temperature"], entropy=t,
                                    grad_entropy=t)
         out[name] = list(keys)

@@ -3,7 +3,7 @@
 The kernels take plain tensors and the options; this module turns a validated TokenBatch into
 them (the kernel tokens and where each sequence starts, fp32 per-token inputs, the
 normalisers) and their per-token outputs into the stats. Every objective runs in the kernels'
-epilogue (its top-entropy threshold in torch: mr1fast.kernels.grpo_loss). Nothing here reads a
+epilogue, the top-entropy threshold in torch (top_entropy_selection). Nothing here reads a
 device value on the host.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from .inputs import TokenBatch
 from .options import VESPO_LOG_MAX, VESPO_LOG_MIN
-from .reference import KernelTokens, make_stats
+from .reference import KernelTokens, make_stats, masked_quantile
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype):
@@ -25,15 +25,13 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype):
 
 
 def triton_token_logprobs(hidden, weight, bias, targets, temperature):
-    """(logp, entropy) [n] fp32 of hidden [n, d] through the fused kernels; the entropy is
-    detached, as token_logprobs documents it for every impl (TokenLogprobsFunction itself
-    differentiates it)."""
+    """(logp, entropy) [n] fp32 of hidden [n, d] through the fused kernels, both
+    differentiable."""
     from mr1fast.kernels.token_logprobs import TokenLogprobsFunction
 
-    logp, entropy = TokenLogprobsFunction.apply(hidden.contiguous(), weight.contiguous(),
-                                                None if bias is None else bias.contiguous(),
-                                                targets.contiguous(), temperature)
-    return logp, entropy.detach()
+    return TokenLogprobsFunction.apply(hidden.contiguous(), weight.contiguous(),
+                                       None if bias is None else bias.contiguous(),
+                                       targets.contiguous(), temperature)
 
 
 def _f32(x):
@@ -46,6 +44,17 @@ def kernel_cu_seqlens(batch: TokenBatch, kt: KernelTokens) -> torch.Tensor:
     if batch.active is None:
         return batch.cu_seqlens
     return torch.searchsorted(kt.seq, torch.arange(batch.n_seqs + 1, device=kt.seq.device))
+
+
+def top_entropy_selection(quantile: float):
+    """reference.objective's top-entropy selection as the kernels take it: (entropy [n], mask
+    [n]) -> fp32 0/1 [n], the live tokens whose entropy * mask reaches the (1 - quantile)
+    quantile of the live tokens' entropies (no host sync)."""
+    def select(entropy, mask):
+        live = mask != 0
+        threshold = masked_quantile(entropy, live, 1.0 - quantile)
+        return ((entropy * mask >= threshold) & live).float()
+    return select
 
 
 def triton_grpo_loss(batch: TokenBatch, weight, bias, return_entropy: bool):
@@ -65,6 +74,8 @@ def triton_grpo_loss(batch: TokenBatch, weight, bias, return_entropy: bool):
         importance_weights=_f32(batch.take(batch.importance_weights)),
         iw_per_sequence=batch.iw_per_sequence,
         sampling_logp=_f32(batch.take(batch.sampling_logp)),
+        top_entropy=top_entropy_selection(o.top_entropy_quantile)
+        if o.top_entropy_quantile < 1.0 else None,
         beta=batch.beta.reshape(1).float() if isinstance(batch.beta, torch.Tensor)
         else float(batch.beta))
     loss, logp, ent, kl, low, high, phi = GRPOLossFunction.apply(
