@@ -38,7 +38,7 @@ def _f32(x):
     return None if x is None else x.float().contiguous()
 
 
-def kernel_cu_seqlens(batch: TokenBatch, kt: KernelTokens) -> torch.Tensor:
+def _kernel_cu_seqlens(batch: TokenBatch, kt: KernelTokens) -> torch.Tensor:
     """[S + 1] int64: where each sequence's tokens start on the kernel-token axis (the kept
     tokens stay in order, so each sequence's are contiguous; no host sync)."""
     if batch.active is None:
@@ -66,7 +66,7 @@ def triton_grpo_loss(batch: TokenBatch, weight, bias, return_entropy: bool):
     kt = KernelTokens(batch)
     from_rewards = batch.rewards is not None
     inputs = dict(
-        scale=_f32(kt.scale), cu_seqlens=kernel_cu_seqlens(batch, kt),
+        scale=_f32(kt.scale), cu_seqlens=_kernel_cu_seqlens(batch, kt),
         mask=_f32(kt.mask), vespo_log_range=(VESPO_LOG_MIN, VESPO_LOG_MAX),
         advantages=None if from_rewards else _f32(batch.take(batch.advantages)),
         rewards=_f32(batch.rewards), group_size=batch.group_size if from_rewards else 0,
