@@ -5,10 +5,12 @@ GPUs with Triton's own compiler (no GPU needed). Run as a script by test_kernels
 
 It must run without TRITON_INTERPRET (the kernels must be real JIT functions). The launchers
 (token_logprobs_forward / _backward, grpo_loss_forward) are called on small CPU tensors for every
-combination of their inputs (dtype, bias or not, each optional input present or absent, beta a
-float or a tensor) with Triton's launch replaced by a recorder; each distinct (kernel,
-signature, constexprs, options) is then compiled down to cubin for each architecture, and the
-report says whether it built and whether its matmuls use tensor-core instructions.
+combination of their inputs (dtype, bias or not, the entropy gradient or not, each optional input
+present or absent, beta a float or a tensor; the epilogue's sampler log-probs, top-entropy mask
+and entropy bonus each present on top of every other input) with Triton's launch replaced by a
+recorder; each distinct (kernel, signature, constexprs, options) is then compiled down to cubin
+for each architecture, and the report says whether it built and whether its matmuls use
+tensor-core instructions.
 """
 import inspect
 import itertools
@@ -28,6 +30,9 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 from mr1fast.kernels import grpo_loss as gk  # noqa: E402
 from mr1fast.kernels import token_logprobs as tk  # noqa: E402
+from mr1fast.loss import LossOptions  # noqa: E402
+from mr1fast.loss.fused import top_entropy_selection  # noqa: E402
+from mr1fast.loss.options import VESPO_LOG_MAX, VESPO_LOG_MIN  # noqa: E402
 
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
           torch.int64: "i64", torch.int32: "i32"}
@@ -56,18 +61,25 @@ def record_launches():
             lse = torch.zeros(n)
             tk.token_logprobs_forward(h, w, b, y, 1.0)
             tk.token_logprobs_backward(h, w, b, y, lse, torch.ones(n), 1.0)
+            tk.token_logprobs_backward(h, w, b, y, lse, torch.ones(n), 1.0, entropy=lse,
+                                       grad_entropy=torch.ones(n))
             per_token = torch.zeros(n)
-            for from_rewards, old, ref, iw, mask, beta_tensor in itertools.product(
-                    (False, True), repeat=6):
+            # The first five optional inputs each present or absent with the last three absent,
+            # then each of the last three present on top of all the others.
+            combos = [c + (False,) * 3 for c in itertools.product((False, True), repeat=5)]
+            combos += [(True,) * 5 + tuple(i == j for j in range(3)) for i in range(3)]
+            for from_rewards, old, ref, iw, beta_tensor, sampling, top, bonus in combos:
                 gk.grpo_loss_forward(
-                    h, w, b, y, per_token,
+                    h, w, b, y, LossOptions(entropy_coef=0.01 if bonus else 0.0),
+                    scale=per_token, mask=per_token, cu_seqlens=torch.tensor([0, 30, n]),
+                    vespo_log_range=(VESPO_LOG_MIN, VESPO_LOG_MAX),
                     advantages=None if from_rewards else per_token,
-                    rewards=torch.zeros(10) if from_rewards else None,
-                    seq_id=torch.zeros(n, dtype=torch.int64) if from_rewards else None,
-                    group_size=5 if from_rewards else 0,
+                    rewards=torch.zeros(2) if from_rewards else None,
+                    group_size=2 if from_rewards else 0,
                     old_logp=per_token if old else None, ref_logp=per_token if ref else None,
                     importance_weights=per_token if iw else None,
-                    mask=per_token if mask else None,
+                    sampling_logp=per_token if sampling else None,
+                    top_entropy=top_entropy_selection(0.5) if top else None,
                     beta=torch.zeros(1) if beta_tensor else 0.04)
     finally:
         JITFunction.run = original

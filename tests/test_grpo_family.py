@@ -335,3 +335,24 @@ def test_masked_quantile_equals_torch_quantile():
             got = masked_quantile(x, valid, q)
             want = torch.quantile(x[valid], q) if valid.any() else torch.tensor(float("inf"))
             assert torch.allclose(got, want, atol=1e-6), (n, q)
+
+
+@pytest.mark.parametrize("impl", ["naive", "torch"])
+@pytest.mark.parametrize("case", ["vespo", "gspo", "gspo_cispo_packed", "top_entropy"])
+def test_checks_off_gives_the_same_results(case, impl):
+    """check_values=False computes the masked tokens too: the loss, gradients and every stat
+    (the per-sequence ones included) must not change."""
+    h, w, y, adv, kw = case_inputs(case)
+    kw = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+          for k, v in kw.items()}
+    out = {}
+    for checks in (True, False):
+        hh = h.float().requires_grad_()
+        loss, stats = grpo_loss(hh, w.float(), y, adv.float(), return_entropy=True, impl=impl,
+                                check_values=checks, **kw)
+        loss.backward()
+        out[checks] = (loss, stats, hh.grad)
+    assert_close("loss", out[False][0], out[True][0], 1e-6, 1e-5)
+    assert_close("dH", out[False][2], out[True][2], 1e-6, 1e-5)
+    for k, v in out[True][1].items():
+        assert_close(k, out[False][1][k], v, 1e-6, 1e-5)

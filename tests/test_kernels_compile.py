@@ -40,10 +40,12 @@ def test_every_kernel_and_every_optional_input_is_covered(report):
     for arch in ARCHS:
         built = [e for e in report if e["arch"] == arch]
         count = {k: sum(e["kernel"] == k for e in built) for k in kernels}
-        # The epilogue: advantages or rewards, and old, ref, importance weights, mask, beta
-        # tensor each present or absent (None); the matmul kernels: 3 dtypes x bias or not.
-        assert count == {"_grpo_loss_fwd_kernel": 2 ** 6, "_token_logprobs_fwd_kernel": 6,
-                         "_token_logprobs_bwd_kernel": 6, "_token_logprobs_merge_kernel": 1}
+        # The epilogue: advantages or rewards, and old, ref, importance weights, beta tensor
+        # each present or absent (None), then the sampler log-probs, top-entropy mask and
+        # entropy bonus each on top of all of them; the matmul kernels: 3 dtypes x bias or not
+        # (x the entropy gradient or not, backward).
+        assert count == {"_grpo_loss_fwd_kernel": 2 ** 5 + 3, "_token_logprobs_fwd_kernel": 6,
+                         "_token_logprobs_bwd_kernel": 12, "_token_logprobs_merge_kernel": 1}
 
 
 def test_half_precision_matmuls_use_tensor_cores(report):

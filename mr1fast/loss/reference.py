@@ -196,13 +196,11 @@ def make_stats(batch: TokenBatch, kt: KernelTokens, logp, parts: dict, entropy=N
     def mean(x):
         return (x.detach().float() * m).sum() / denom
 
-    def seq_mean(x):  # per-sequence value (the same at each of its tokens), mean over S
-        if not x.numel():
-            return torch.zeros((), device=m.device)
-        first = torch.zeros(kt.n_seqs, dtype=torch.float32, device=m.device)
-        first = first.scatter_reduce(0, kt.seq, x.detach().float(), "amax",
-                                     include_self=False)
-        return first.sum() / max(kt.n_seqs, 1)
+    def seq_mean(x):  # a value >= 0 per sequence (the same at each of its unmasked tokens;
+        # 0 for a sequence without any), mean over the S sequences
+        per_seq = torch.zeros(kt.n_seqs, dtype=torch.float32, device=m.device)
+        per_seq = per_seq.scatter_reduce(0, kt.seq, x.detach().float() * (m != 0), "amax")
+        return per_seq.sum() / max(kt.n_seqs, 1)
 
     if batch.active is None:  # every token computed; masked ones already hold logp 0
         full = logp.detach().float()
