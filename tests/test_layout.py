@@ -1,5 +1,5 @@
 """The architecture holds: four parts whose imports point one way (trainer -> rollout -> loss
--> kernels), and importing the loss library pulls in no trainer, rollout or model code."""
+-> kernels; integrations -> loss), and importing the loss library pulls in no trainer, rollout or model code."""
 import ast
 import subprocess
 import sys
@@ -14,6 +14,8 @@ PARTS = {
     "loss": (ROOT / "mr1fast" / "loss", {"kernels"}),
     "rollout": (ROOT / "mr1fast" / "rollout", {"loss", "kernels"}),
     "trainer": (ROOT / "mr1fast" / "trainer", {"rollout", "loss", "kernels"}),
+    # Other trainers' adapters (TRL): the loss library only.
+    "integrations": (ROOT / "mr1fast" / "integrations", {"loss", "kernels"}),
 }
 
 

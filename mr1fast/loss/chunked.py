@@ -3,8 +3,10 @@
 No [N, V] tensor is ever built, and nothing reads a device value on the host (no sync).
 
 Both work on chunks of R rows over the whole vocabulary (R = ROW_BUDGET // V, at least
-MIN_ROWS): one [R, V] log-softmax at a time, fused by torch, instead of an online log-sum-exp
-over vocabulary tiles.
+MIN_ROWS), the logits' GEMM followed by four cheap passes over the [R, V] chunk (row max, shift,
+exp, row sum; _Chunk) instead of an online log-sum-exp over vocabulary tiles. The temperature
+scales the rows of h, the bias rides in the GEMM, and the softmax's normalisation is folded
+into the gradient GEMMs' row scales.
 
 token_logprobs (ChunkedTokenLogprobs): the forward computes log-probs and entropies; the
 backward recomputes each chunk's logits and turns them into dH and dW (8NdV in all, since the
@@ -28,8 +30,8 @@ import torch
 
 from mr1fast.kernels.gemm import acc_dtype, matmul_acc
 
-ROW_BUDGET = 1 << 21   # elements of one [R, V] logits chunk (8 MiB in fp32) ...
-MIN_ROWS = 16          # ... but at least this many rows, for the GEMMs' sake at large V
+ROW_BUDGET = 1 << 20   # elements of one [R, V] logits chunk (4 MiB in fp32) ...
+MIN_ROWS = 64          # ... but at least this many rows: the GEMMs slow down below (2 cores)
 
 
 def _rows(V: int) -> int:
@@ -37,27 +39,48 @@ def _rows(V: int) -> int:
 
 
 class _Head:
-    """The LM head for ChunkedGRPOLoss: weight in the accumulation dtype where the matmuls need
-    it (upcast once, not per chunk; on CUDA half weights stay half), bias, temperature."""
+    """The LM head for the chunks: weight (and bias / temperature) in the accumulation dtype
+    where the matmuls need it (upcast once, not per chunk; on CUDA half weights stay half)."""
 
     def __init__(self, weight, bias, temperature):
-        self.w = weight if weight.is_cuda or weight.dtype == acc_dtype(weight.dtype) \
-            else weight.to(acc_dtype(weight.dtype))
-        self.bias, self.temperature = bias, temperature
+        dt = acc_dtype(weight.dtype)
+        self.w = weight if weight.is_cuda or weight.dtype == dt else weight.to(dt)
+        self.temperature = temperature
+        # z = (h W^T + b) / T = (h / T) W^T + b / T: the temperature scales the chunk's rows
+        # of h and the bias, never the [R, V] logits.
+        self.bias = None if bias is None else bias.to(dt) / temperature
 
-    def log_softmax(self, h):
-        """log-softmax [R, V] of a chunk of rows h [R, d] (accumulation dtype)."""
-        z = matmul_acc(h, self.w.t())
-        if self.bias is not None:
-            z += self.bias
+    def shifted_logits(self, h):
+        """z - max_v z [R, V] for a chunk of rows h [R, d] (accumulation dtype)."""
         if self.temperature != 1.0:
-            z /= self.temperature
-        return torch.log_softmax(z, dim=1)
+            h = h * (1.0 / self.temperature)
+        if self.bias is not None and not h.is_cuda:
+            z = torch.addmm(self.bias, h, self.w.t())   # the bias in the GEMM's epilogue
+        else:
+            z = matmul_acc(h, self.w.t())
+            if self.bias is not None:
+                z += self.bias
+        return z.sub_(z.amax(1, keepdim=True))
 
 
-def _entropy(p, logsm):
-    """-sum p log p per row, without a [R, V] temporary."""
-    return -torch.bmm(p[:, None, :], logsm[:, :, None]).view(-1)
+class _Chunk:
+    """One chunk of rows over the whole vocabulary: e = exp(z - max) [R, V] (unnormalised
+    probabilities: p = e / s), 1 / s, the targets' log-probs and, with want_entropy, the shifted
+    logits and the entropies. The passes over [R, V]: the row max, the shift, exp and the row
+    sum (and a dot for the entropy); the normalisation by s is folded into the GEMMs' row
+    scales."""
+
+    def __init__(self, head, h, y, want_entropy):
+        zc = head.shifted_logits(h)
+        logit_y = zc.gather(1, y[:, None]).squeeze(1)
+        self.e = torch.exp(zc) if want_entropy else zc.exp_()
+        s = self.e.sum(1)
+        self.inv_s, log_s = 1.0 / s, torch.log(s)
+        self.logp = (logit_y - log_s).clamp(max=0.0)
+        self.zc, self.log_s, self.entropy = None, log_s, None
+        if want_entropy:
+            self.zc = zc
+            self.entropy = log_s - torch.linalg.vecdot(self.e, zc) * self.inv_s
 
 
 class _Grads:
@@ -70,32 +93,33 @@ class _Grads:
         self.db = torch.zeros(weight.shape[0], dtype=dt, device=hidden.device) \
             if bias is not None and need[2] else None
 
-    def add(self, n0, n1, h, y, logsm, p, g, g_ent, head):
-        """Adds the chunk's gradients, dlogits = (g * (onehot(y) - p) - g_ent * p * (log p +
-        H)) / temperature for d loss / d logp g and d loss / d entropy g_ent [R]. Without an
-        entropy gradient, dlogits is never formed: -g * p enters the GEMMs as row scales
-        (dH = -g * (p @ W) + g * W[y], dW = -p^T (g * h) + rows y of g * h), which saves a pass
-        over the [R, V] chunk."""
+    def add(self, n0, n1, h, y, c: _Chunk, g, g_ent, head):
+        """Adds chunk c's gradients (rows n0:n1, raw rows h, targets y), dlogits = (g *
+        (onehot(y) - p) - g_ent * p * (log p + H)) / temperature for d loss / d logp g and
+        d loss / d entropy g_ent [R] (None: 0). Without an entropy gradient, dlogits is never
+        formed: -g * p = (-g / s) * e enters the GEMMs as row scales (dH = (e @ W) * (-g / s)
+        + g * W[y], dW = e^T ((-g / s) * h) + rows y of g * h). Consumes c."""
         if head.temperature != 1.0:
             g = g / head.temperature
             g_ent = None if g_ent is None else g_ent / head.temperature
-        gh = g[:, None] * h
         if g_ent is None:
+            r = -g * c.inv_s
             if self.dh is not None:
-                self.dh[n0:n1] = matmul_acc(p, head.w).mul_(-g[:, None]) \
+                self.dh[n0:n1] = matmul_acc(c.e, head.w).mul_(r[:, None]) \
                     + g[:, None] * head.w[y].to(g.dtype)
             if self.dw is not None:
-                if p.is_cuda:
-                    self.dw -= matmul_acc(p.t(), gh)
+                if c.e.is_cuda:
+                    self.dw += matmul_acc(c.e.t(), r[:, None] * h)
                 else:
-                    self.dw.addmm_(p.t(), gh, alpha=-1.0)
-                self.dw.index_add_(0, y, gh)
+                    self.dw.addmm_(c.e.t(), r[:, None] * h)
+                self.dw.index_add_(0, y, g[:, None] * h)
             if self.db is not None:
-                self.db -= p.t() @ g
+                self.db += c.e.t() @ r
                 self.db.index_add_(0, y, g)
             return
-        ent = _entropy(p, logsm)
-        dz = p.mul_(logsm.add_(ent[:, None]).mul_(g_ent[:, None]).add_(g[:, None])).neg_()
+        # log p = zc - log s: dlogits = -(e / s) * (g + g_ent * (zc - log s + H)) + g onehot
+        q = c.zc.add_((c.entropy - c.log_s)[:, None]).mul_(g_ent[:, None]).add_(g[:, None])
+        dz = c.e.mul_(q).mul_(-c.inv_s[:, None])
         dz.scatter_add_(1, y[:, None], g[:, None].to(dz.dtype))
         if self.dh is not None:
             self.dh[n0:n1] = matmul_acc(dz, head.w)
@@ -149,11 +173,10 @@ class ChunkedGRPOLoss(torch.autograd.Function):
         for n0 in range(0, n, rows):
             n1 = min(n0 + rows, n)
             h, y = h_all[n0:n1], targets[n0:n1]
-            logsm = head.log_softmax(h)
-            logp[n0:n1] = logsm.gather(1, y[:, None]).squeeze(1).clamp(max=0.0)
-            p = torch.exp(logsm) if (want_entropy or one_pass) else None
+            c = _Chunk(head, h, y, want_entropy)
+            logp[n0:n1] = c.logp
             if want_entropy:
-                ent[n0:n1] = _entropy(p, logsm)
+                ent[n0:n1] = c.entropy
             if one_pass:
                 sl = slice(n0, n1)
                 loss, part, g, g_ent = _objective_grads(
@@ -161,7 +184,7 @@ class ChunkedGRPOLoss(torch.autograd.Function):
                     None if ent is None else ent[n0:n1], need_ent_grad)
                 losses.append(loss)
                 parts.append(part)
-                grads.add(n0, n1, h, y, logsm, p, g, g_ent, head)
+                grads.add(n0, n1, h, y, c, g, g_ent, head)
         if one_pass:
             loss = torch.stack(losses).sum()
             parts = {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts])
@@ -174,8 +197,7 @@ class ChunkedGRPOLoss(torch.autograd.Function):
                 for n0 in range(0, n, rows):
                     n1 = min(n0 + rows, n)
                     h, y = h_all[n0:n1], targets[n0:n1]
-                    logsm = head.log_softmax(h)
-                    grads.add(n0, n1, h, y, logsm, torch.exp(logsm), g[n0:n1],
+                    grads.add(n0, n1, h, y, _Chunk(head, h, y, g_ent is not None), g[n0:n1],
                               None if g_ent is None else g_ent[n0:n1], head)
         if grad:
             ctx.grads = (None if grads.dh is None else grads.dh.to(hidden.dtype),
@@ -209,9 +231,8 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         entropy = torch.empty(n, dtype=dt, device=hidden.device)
         for n0 in range(0, n, _rows(V)):
             n1 = min(n0 + _rows(V), n)
-            logsm = head.log_softmax(h_all[n0:n1])
-            logp[n0:n1] = logsm.gather(1, targets[n0:n1, None]).squeeze(1).clamp(max=0.0)
-            entropy[n0:n1] = _entropy(torch.exp(logsm), logsm)
+            c = _Chunk(head, h_all[n0:n1], targets[n0:n1], True)
+            logp[n0:n1], entropy[n0:n1] = c.logp, c.entropy
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.temperature = temperature
         return logp, entropy
@@ -229,10 +250,9 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
             else grad_logp.to(dt)
         for n0 in range(0, n, _rows(V)):
             n1 = min(n0 + _rows(V), n)
-            logsm = head.log_softmax(h_all[n0:n1])
-            grads.add(n0, n1, h_all[n0:n1], targets[n0:n1], logsm, torch.exp(logsm),
-                      g_all[n0:n1], None if grad_entropy is None else grad_entropy[n0:n1].to(dt),
-                      head)
+            h, y = h_all[n0:n1], targets[n0:n1]
+            grads.add(n0, n1, h, y, _Chunk(head, h, y, grad_entropy is not None), g_all[n0:n1],
+                      None if grad_entropy is None else grad_entropy[n0:n1].to(dt), head)
         cast = (lambda x, like: None if x is None else x.to(like.dtype))
         return (cast(grads.dh, hidden), cast(grads.dw, weight),
                 None if bias is None else cast(grads.db, bias), None, None)
