@@ -30,7 +30,7 @@ import torch
 
 from mr1fast.kernels.gemm import acc_dtype, matmul_acc
 
-ROW_BUDGET = 1 << 20   # elements of one [R, V] logits chunk (4 MiB in fp32) ...
+ROW_BUDGET = 1 << 22   # elements of one [R, V] logits chunk (16 MiB in fp32) ...
 MIN_ROWS = 64          # ... but at least this many rows: the GEMMs slow down below (2 cores)
 
 
