@@ -2,6 +2,8 @@
 measurement (op, impl, mode, shape, dtype, metric, value, unit, device, versions, commit, date)."""
 from __future__ import annotations
 
+import argparse
+
 import datetime
 import json
 import os
@@ -98,6 +100,13 @@ def median_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def add_child_args(ap) -> None:
+    """The hidden arguments with which a benchmark script runs one provider in a child process
+    (--child NAME, the model folder, the output file, a work folder)."""
+    for name in ("--child", "--model-path", "--out", "--work-dir"):
+        ap.add_argument(name, help=argparse.SUPPRESS)
 
 
 def check_args(ap, args, positive=(), tokens: bool = False) -> None:

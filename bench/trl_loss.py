@@ -186,10 +186,7 @@ def parse(argv=None):
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--save-results", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="show the children's output")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--model-path", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
-    ap.add_argument("--work-dir", help=argparse.SUPPRESS)
+    results.add_child_args(ap)
     args = ap.parse_args(argv)
     results.check_args(ap, args, positive=("prompts", "G", "prompt_tokens", "repeats"),
                        tokens=True)
