@@ -187,7 +187,8 @@ if triton is not None:
                                          log_ratio_clamp)
                 acc_vlr += m * tl.minimum(tl.maximum(logp - old, -vespo_log_max), vespo_log_max)
                 if sampling_ptr is not None:  # the sampler's log-probs, else old, else logp
-                    acc_off += m * (tl.load(sampling_ptr + t, mask=live, other=0.0) - logp)
+                    gap = tl.load(sampling_ptr + t, mask=live, other=0.0) - logp
+                    acc_off += m * tl.where(gap == gap, gap, 0.0)  # NaN (unscored) -> 0
                 else:
                     acc_off += m * (old - logp)
                 if iw_ptr is not None:

@@ -356,3 +356,66 @@ def test_checks_off_gives_the_same_results(case, impl):
     assert_close("dH", out[False][2], out[True][2], 1e-6, 1e-5)
     for k, v in out[True][1].items():
         assert_close(k, out[False][1][k], v, 1e-6, 1e-5)
+
+
+def test_no_grad_forms_no_gradients(monkeypatch):
+    """Under torch.no_grad (an eval loop), the torch impl does no gradient work even when the
+    inputs require grad: the same loss, and no gradient buffers."""
+    h, w, y, adv, kw = case_inputs("grpo")
+    h, w = h.float().requires_grad_(), w.float().requires_grad_()
+    kw = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+          for k, v in kw.items()}
+    want, _ = grpo_loss(h, w, y, adv.float(), impl="torch", **kw)
+    made = []
+    monkeypatch.setattr(chunked, "_Grads", lambda *a: made.append(1))
+    with torch.no_grad():
+        got, _ = grpo_loss(h, w, y, adv.float(), impl="torch", **kw)
+    assert made == [] and torch.equal(got, want.detach())
+
+
+def test_a_second_backward_through_the_torch_loss_is_a_clear_error():
+    h, w, y, adv, kw = case_inputs("grpo")
+    hh = h.float().requires_grad_()
+    kw = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+          for k, v in kw.items()}
+    loss, _ = grpo_loss(hh, w.float(), y, adv.float(), impl="torch", **kw)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("impl", ["naive", "torch", "triton"])
+def test_nan_sampler_logprobs_count_as_zero_in_the_off_policy_mask(impl):
+    """vLLM leaves NaN where it cannot score a token; like TRL, the off-policy estimate counts
+    such a token as 0 (checks off: nothing rejects the NaN)."""
+    h, w, y, adv, kw = case_inputs("off_policy_mask")
+    kw = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+          for k, v in kw.items()}
+    nan = kw["sampling_logp"].clone()
+    nan[0, 1] = float("nan")
+    assert kw["mask"][0, 1] == 1 and adv[0] < 0, "the NaN must sit in a live, negative row"
+    zero = kw["sampling_logp"].clone()
+    lp, _ = reference_token_logprobs(h.float(), w.float(), y, bias=kw["bias"])
+    zero[0, 1] = lp[0, 1]  # a gap of 0 at that token
+    a, _ = grpo_loss(h.float(), w.float(), y, adv.float(), impl=impl, check_values=False,
+                     **dict(kw, sampling_logp=nan))
+    b, _ = grpo_loss(h.float(), w.float(), y, adv.float(), impl=impl, check_values=False,
+                     **dict(kw, sampling_logp=zero))
+    assert torch.isfinite(a) and torch.allclose(a, b, atol=1e-6)
+
+
+def test_top_entropy_in_fp64_keeps_the_boundary_token():
+    """quantile 0 keeps exactly the highest-entropy token(s), whatever the dtype."""
+    from mr1fast.loss.reference import top_entropy_mask
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        h = torch.rand(9, generator=g, dtype=torch.float64) * 5
+        m = torch.ones(9, dtype=torch.float64)
+        assert top_entropy_mask(h, m, 0.0).sum() == 1
+
+
+def test_cispo_takes_an_eps_low_above_one():
+    """cispo, sapo and vespo never read eps_low (TRL passes epsilon there)."""
+    assert LossOptions(loss_type="cispo", eps_low=5.0).eps_high == 5.0
+    with pytest.raises(ValueError, match="eps_low"):
+        LossOptions(loss_type="grpo", eps_low=5.0)

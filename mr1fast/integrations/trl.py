@@ -58,7 +58,6 @@ from ..loss.schedules import beta_schedule
 TESTED_TRL = "1.16"
 # Loss types TRL normalises by num_items_in_batch; the others it divides by the accumulation.
 TOKEN_NORMALISED = ("dapo", "cispo", "vespo")
-CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 # Model-config fields with which TRL's head transforms the logits (softcap, scales): mr1fast's
 # loss takes the plain (h @ W^T + b) / temperature.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier",

@@ -103,7 +103,8 @@ def _torch_grpo_loss(batch: TokenBatch, weight, bias, return_entropy):
     want = _wants_entropy(batch.options, return_entropy)
     loss, logp, ent = ChunkedGRPOLoss.apply(
         batch.take(batch.hidden), weight, bias, batch.take(batch.targets), batch.temperature,
-        lambda sl, lp, en: objective(batch, kt[sl], lp, en), batch.options, want, out)
+        lambda sl, lp, en: objective(batch, kt[sl], lp, en), batch.options, want,
+        torch.is_grad_enabled(), out)
     return loss, make_stats(batch, kt, logp, out["parts"], ent if return_entropy else None)
 
 

@@ -147,16 +147,18 @@ def _objective_grads(fn, logp, ent, need_ent_grad):
 
 class ChunkedGRPOLoss(torch.autograd.Function):
     """(hidden [n, d], weight [V, d], bias [V] or None, targets [n] int64, temperature,
-    objective, options, want_entropy, out) -> (loss, logp [n], entropy [n] or empty); the
+    objective, options, want_entropy, grad_enabled, out) -> (loss, logp [n], entropy [n] or
+    empty); grad_enabled: torch.is_grad_enabled() at the call (inside forward it is off). The
     objective's per-token parts go to out["parts"]. objective(sl, logp, entropy) is
     reference.objective on the kernel tokens sl (a slice); entropy is computed when
     `want_entropy`. Module doc: how the gradients are formed during the forward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, objective, options,
-                want_entropy, out):
+                want_entropy, grad_enabled, out):
         n, V = hidden.shape[0], weight.shape[0]
-        need = ctx.needs_input_grad[:3]
+        # needs_input_grad is True under no_grad too: no gradient work unless one is wanted.
+        need = tuple(x and grad_enabled for x in ctx.needs_input_grad[:3])
         grad = any(need)
         head = _Head(weight, bias, temperature)
         rows = _rows(V)
@@ -199,6 +201,7 @@ class ChunkedGRPOLoss(torch.autograd.Function):
                     h, y = h_all[n0:n1], targets[n0:n1]
                     grads.add(n0, n1, h, y, _Chunk(head, h, y, g_ent is not None), g[n0:n1],
                               None if g_ent is None else g_ent[n0:n1], head)
+        ctx.grads = (None, None, None)
         if grad:
             ctx.grads = (None if grads.dh is None else grads.dh.to(hidden.dtype),
                          None if grads.dw is None else grads.dw.to(weight.dtype),
@@ -209,11 +212,17 @@ class ChunkedGRPOLoss(torch.autograd.Function):
         return loss, logp, ent
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *_):
+        if ctx.grads is None:
+            raise RuntimeError("grpo_loss (impl='torch') forms its gradients during the "
+                               "forward and hands them over at the first backward: a second "
+                               "backward through the same graph (retain_graph=True) is not "
+                               "supported; compute the loss again")
         dh, dw, db = ctx.grads
-        del ctx.grads
-        scale = (lambda x: None if x is None else x * grad_loss.to(x.dtype))
-        return scale(dh), scale(dw), scale(db), None, None, None, None, None, None
+        ctx.grads = None  # scaled in place: no second [V, d] buffer
+        scale = (lambda x: None if x is None else x.mul_(grad_loss.to(x.dtype)))
+        return scale(dh), scale(dw), scale(db), None, None, None, None, None, None, None
 
 
 class ChunkedTokenLogprobs(torch.autograd.Function):

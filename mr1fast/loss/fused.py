@@ -12,7 +12,7 @@ import torch
 
 from .inputs import TokenBatch
 from .options import VESPO_LOG_MAX, VESPO_LOG_MIN
-from .reference import KernelTokens, make_stats, masked_quantile
+from .reference import KernelTokens, make_stats, top_entropy_mask
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype):
@@ -50,11 +50,7 @@ def top_entropy_selection(quantile: float):
     """reference.objective's top-entropy selection as the kernels take it: (entropy [n], mask
     [n]) -> fp32 0/1 [n], the live tokens whose entropy * mask reaches the (1 - quantile)
     quantile of the live tokens' entropies (no host sync)."""
-    def select(entropy, mask):
-        live = mask != 0
-        threshold = masked_quantile(entropy, live, 1.0 - quantile)
-        return ((entropy * mask >= threshold) & live).float()
-    return select
+    return lambda entropy, mask: top_entropy_mask(entropy, mask, quantile).float()
 
 
 def triton_grpo_loss(batch: TokenBatch, weight, bias, return_entropy: bool):
@@ -63,7 +59,7 @@ def triton_grpo_loss(batch: TokenBatch, weight, bias, return_entropy: bool):
     from mr1fast.kernels.grpo_loss import GRPOLossFunction
 
     o = batch.options
-    kt = KernelTokens(batch)
+    kt = KernelTokens(batch, per_token_inputs=False)
     from_rewards = batch.rewards is not None
     inputs = dict(
         scale=_f32(kt.scale), cu_seqlens=_kernel_cu_seqlens(batch, kt),

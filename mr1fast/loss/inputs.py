@@ -121,11 +121,6 @@ class TokenBatch:
         return self.mask.numel() if self.active is None else self.active.numel()
 
     @property
-    def kernel_mask(self) -> Optional[torch.Tensor]:
-        """The mask of the kernel tokens when some of them may have mask 0, else None."""
-        return self.mask if self.has_mask else None
-
-    @property
     def loss_type(self) -> str:
         return self.options.loss_type
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+# The loss types whose policy term clips the ratio to [1 - eps_low, 1 + eps_high].
+CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 # TRL 1.16's VESPO clamps (get_gamma_weights): per-token log-ratios to [-20, 20], the sequence
@@ -70,7 +72,7 @@ class LossOptions:
             raise ValueError(f"use_bias_correction_kl: expected True or False, got "
                              f"{self.use_bias_correction_kl!r}")
         number("eps_low", 0.0)
-        if self.eps_low >= 1:
+        if self.eps_low >= 1 and self.loss_type in CLIPPED:  # (cispo, sapo, vespo ignore it)
             raise ValueError(f"eps_low: expected a value in [0, 1) (the ratio is clipped below "
                              f"at 1 - eps_low), got {self.eps_low}")
         if self.eps_high is None:

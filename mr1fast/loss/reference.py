@@ -44,21 +44,24 @@ class KernelTokens:
     depends on all of them (the entropy bonus's token count); slicing one gives a chunk's."""
     FIELDS = ("mask", "adv", "old", "ref", "iw", "sampling", "scale", "seq")
 
-    def __init__(self, batch: Optional[TokenBatch] = None, **fields):
+    def __init__(self, batch: Optional[TokenBatch] = None, per_token_inputs: bool = True,
+                 **fields):
         if batch is None:
             self.__dict__.update(fields)
             return
         self.n_seqs = batch.n_seqs
         self.has_mask = batch.has_mask
         self.mask = batch.take(batch.mask)
+        self.scale = batch.take(token_scales(batch))
+        self.seq = batch.take(batch.seq_id)
+        self.mask_total = self.mask.sum().clamp(min=1.0)
+        if not per_token_inputs:  # what the stats need (the Triton path reads the raw inputs)
+            return
         self.adv = sequence_advantages(batch)
         self.old = batch.at_kernel_tokens(batch.old_logp)
         self.ref = batch.at_kernel_tokens(batch.ref_logp)
         self.iw = batch.at_kernel_tokens(batch.importance_weights)
         self.sampling = batch.at_kernel_tokens(batch.sampling_logp)
-        self.scale = batch.take(token_scales(batch))
-        self.seq = batch.take(batch.seq_id)
-        self.mask_total = self.mask.sum().clamp(min=1.0)
 
     def __getitem__(self, sl: slice) -> "KernelTokens":
         out = dict(self.__dict__)
@@ -94,6 +97,16 @@ def masked_quantile(x: torch.Tensor, valid: torch.Tensor, q: float) -> torch.Ten
     a, b = s.gather(0, lo), s.gather(0, hi)
     value = (a + (b - a) * (pos - lo.to(x.dtype))).view(())
     return torch.where((k > 0) & torch.isfinite(value), value, torch.full_like(value, float("inf")))
+
+
+def top_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    """The live tokens (mask != 0) whose entropy * mask reaches the (1 - quantile) quantile of
+    the live tokens' entropies (TRL's get_high_entropy_mask, per call), in the entropy's own
+    precision (fp32, or fp64 for fp64), without a host sync. bool [n]."""
+    h = entropy.detach()
+    h = h if h.dtype == torch.float64 else h.float()
+    live = mask != 0
+    return (h * mask >= masked_quantile(h, live, 1.0 - quantile)) & live
 
 
 def _vespo_phi(o, kt: KernelTokens, logp, old, adv, iw_per_sequence):
@@ -156,9 +169,7 @@ def objective(batch: TokenBatch, kt: KernelTokens, logp: torch.Tensor,
         pg = pg * ((adv >= 0) | (seq_kl <= o.off_policy_mask_threshold))
     bonus_mask, bonus_total = m, kt.mask_total
     if o.top_entropy_quantile < 1.0:
-        h = entropy.detach()
-        threshold = masked_quantile(h.float(), m != 0, 1.0 - o.top_entropy_quantile)
-        top = (h * m >= threshold) & (m != 0)
+        top = top_entropy_mask(entropy, m, o.top_entropy_quantile)
         pg = pg * top
         bonus_mask = m * top
         bonus_total = bonus_mask.sum().clamp(min=1.0)
