@@ -140,16 +140,11 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     args = parse(argv)
-    import torch
-
-    from mr1fast.trainer.model import PRESETS, init_tiny_model
-
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = results.default_device(args.device)
     records = []
     with tempfile.TemporaryDirectory(prefix="mr1fast-layouts-") as tmp:
         for m in [m for m in args.models.split(",") if m]:
-            path = str(init_tiny_model(Path(tmp) / m, preset=m, seed=args.seed)) \
-                if m in PRESETS else m
+            path = results.model_folder(m, Path(tmp), args.seed)
             print(f"[layouts] {m}: {args.prompts}x{args.G} completions of "
                   f"{args.min_tokens}-{args.tokens} tokens, {args.image_size}px images, "
                   f"{args.repeat} rounds", file=sys.stderr, flush=True)

@@ -109,6 +109,20 @@ def add_child_args(ap) -> None:
         ap.add_argument(name, help=argparse.SUPPRESS)
 
 
+def model_folder(name: str, work: Path, seed: int) -> str:
+    """A benchmark's --model(s) entry as a model folder: a preset of mr1fast.trainer.model
+    (built under `work` with `seed`), or a path, as given."""
+    from mr1fast.trainer.model import PRESETS, init_tiny_model
+
+    return str(init_tiny_model(work / name, preset=name, seed=seed)) if name in PRESETS \
+        else name
+
+
+def default_device(device) -> str:
+    """--device, or cuda when available, else cpu."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def check_args(ap, args, positive=(), tokens: bool = False) -> None:
     """The benchmark scripts' shared argument checks (argparse errors, exit 2): each of
     `positive` >= 1; with tokens, args.tokens "C" or "LO:HI" becomes args.min_tokens and

@@ -454,11 +454,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     if args.child:
         return child(args)
-    import torch
-
-    from mr1fast.trainer.model import PRESETS, init_tiny_model
-
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = results.default_device(args.device)
     models = [m for m in args.models.split(",") if m]
     trainers = [t for t in args.trainers.split(",") if t]
     bad = [t for t in trainers if t not in TRAINERS and not (
@@ -474,8 +470,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="mr1fast-step-") as tmp:
         work = Path(tmp)
         for m in models:
-            path = str(init_tiny_model(work / m, preset=m, seed=args.seed)) if m in PRESETS \
-                else m
+            path = results.model_folder(m, work, args.seed)
             for t in trainers:
                 tokens = f"{args.min_tokens}:{args.tokens}" if args.min_tokens < args.tokens \
                     else str(args.tokens)

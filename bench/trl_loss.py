@@ -199,11 +199,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     if args.child:
         return child(args)
-    import torch
-
-    from mr1fast.trainer.model import PRESETS, init_tiny_model
-
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = results.default_device(args.device)
     providers = [p for p in args.providers.split(",") if p]
     bad = [p for p in providers if p not in PROVIDERS]
     if bad:
@@ -214,8 +210,7 @@ def main(argv=None) -> int:
              "loss_type": args.loss_type, "device": args.device}
     with tempfile.TemporaryDirectory(prefix="mr1fast-trl-loss-") as tmp:
         work = Path(tmp)
-        path = str(init_tiny_model(work / args.model, preset=args.model, seed=args.seed)) \
-            if args.model in PRESETS else args.model
+        path = results.model_folder(args.model, work, args.seed)
         for p in providers:
             print(f"[trl_loss] {p}: {args.prompts}x{args.G} completions of "
                   f"{args.min_tokens}:{args.tokens} tokens on {args.model}", file=sys.stderr,
