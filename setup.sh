@@ -23,15 +23,16 @@ fi
 # mr1fast or vLLM's Qwen2-VL path runs needs them, so they are removed. (torchvision, also
 # CUDA-linked, is needed and made importable by mr1fast/rollout/compat.py.)
 .venv/bin/pip uninstall -q -y torchaudio torchcodec 2>/dev/null || true
-# The native data path (csrc/ -> mr1fast/trainer/_native*.so, setup.py): built in place with torch's
-# cpp_extension where a C++ compiler exists; without one mr1fast uses its Python fallback.
+# The native extensions (csrc/ -> mr1fast/trainer/_native*.so, the packed forwards' data path, and
+# kernels/_cpu*.so, the loss's softmax rows on the CPU; setup.py): built in place with torch's
+# cpp_extension where a C++ compiler exists; without one mr1fast uses its Python/torch fallbacks.
 if command -v c++ >/dev/null 2>&1; then
     if .venv/bin/python setup.py -q build_ext --inplace > .venv/native-build.log 2>&1 &&
-            .venv/bin/python -c "import mr1fast.trainer._native" 2>/dev/null; then
-        echo "native extension: built (mr1fast.trainer._native)"
+            .venv/bin/python -c "import mr1fast.trainer._native, mr1fast.kernels._cpu" 2>/dev/null; then
+        echo "native extensions: built (mr1fast.trainer._native, mr1fast.kernels._cpu)"
     else
-        echo "native extension: not built (see .venv/native-build.log); the Python fallback runs"
+        echo "native extensions: not built (see .venv/native-build.log); the Python fallbacks run"
     fi
 else
-    echo "native extension: no C++ compiler; the Python fallback runs"
+    echo "native extensions: no C++ compiler; the Python fallbacks run"
 fi

@@ -3,8 +3,9 @@
 No [N, V] tensor is ever built, and nothing reads a device value on the host (no sync).
 
 Both work on chunks of R rows over the whole vocabulary (R = ROW_BUDGET // V, at least
-MIN_ROWS), the logits' GEMM followed by four cheap passes over the [R, V] chunk (row max, shift,
-exp, row sum; _Chunk) instead of an online log-sum-exp over vocabulary tiles. The temperature
+MIN_ROWS), the logits' GEMM followed by the softmax rows of the [R, V] chunk (row max, then exp
+and row sum: mr1fast.kernels.cpu_rows, native on the CPU; _Chunk) instead of an online
+log-sum-exp over vocabulary tiles. The temperature
 scales the rows of h, the bias rides in the GEMM, and the softmax's normalisation is folded
 into the gradient GEMMs' row scales.
 
@@ -28,10 +29,16 @@ from __future__ import annotations
 
 import torch
 
+from mr1fast.kernels.cpu_rows import exp_rows
 from mr1fast.kernels.gemm import acc_dtype, matmul_acc
 
-ROW_BUDGET = 1 << 22   # elements of one [R, V] logits chunk (16 MiB in fp32) ...
-MIN_ROWS = 64          # ... but at least this many rows: the GEMMs slow down below (2 cores)
+# The chunk: R = max(MIN_ROWS, ROW_BUDGET // V) rows. Measured on 2 cores (fp32, the torch impl
+# against the GEMMs alone, 7-9 interleaved rounds, 2026-12-07): below 128 rows the per-chunk
+# costs (about 0.8 ms of Python and autograd for the objective, and the dW GEMM's K = R) weigh;
+# chunks past 8-16 MiB fall out of cache (at d = 128, V = 16384: 128 rows 1.16-1.25x the GEMMs
+# alone, 256 rows 1.30-1.50x, 1024 rows 1.44x).
+ROW_BUDGET = 1 << 21   # elements of one [R, V] logits chunk (8 MiB in fp32) ...
+MIN_ROWS = 128         # ... but at least this many rows
 
 
 def _rows(V: int) -> int:
@@ -50,37 +57,34 @@ class _Head:
         # of h and the bias, never the [R, V] logits.
         self.bias = None if bias is None else bias.to(dt) / temperature
 
-    def shifted_logits(self, h):
-        """z - max_v z [R, V] for a chunk of rows h [R, d] (accumulation dtype)."""
+    def logits(self, h):
+        """z [R, V] for a chunk of rows h [R, d] (accumulation dtype)."""
         if self.temperature != 1.0:
             h = h * (1.0 / self.temperature)
         if self.bias is not None and not h.is_cuda:
-            z = torch.addmm(self.bias, h, self.w.t())   # the bias in the GEMM's epilogue
-        else:
-            z = matmul_acc(h, self.w.t())
-            if self.bias is not None:
-                z += self.bias
-        return z.sub_(z.amax(1, keepdim=True))
+            return torch.addmm(self.bias, h, self.w.t())   # the bias in the GEMM's epilogue
+        z = matmul_acc(h, self.w.t())
+        if self.bias is not None:
+            z += self.bias
+        return z
 
 
 class _Chunk:
-    """One chunk of rows over the whole vocabulary: e = exp(z - max) [R, V] (unnormalised
-    probabilities: p = e / s), 1 / s, the targets' log-probs and, with want_entropy, the shifted
-    logits and the entropies. The passes over [R, V]: the row max, the shift, exp and the row
-    sum (and a dot for the entropy); the normalisation by s is folded into the GEMMs' row
-    scales."""
+    """One chunk of rows over the whole vocabulary: e = exp(z - m) [R, V] with m the row max
+    (unnormalised probabilities: p = e / s), m, 1 / s, the targets' log-probs and, with
+    want_entropy, the entropies; with keep_logits also the logits z (for the entropy's
+    gradient). The passes over [R, V] are mr1fast.kernels.cpu_rows.exp_rows (one native pass
+    for the max and one for exp and the sums on the CPU, torch's ops elsewhere); the
+    normalisation by s is folded into the GEMMs' row scales."""
 
-    def __init__(self, head, h, y, want_entropy):
-        zc = head.shifted_logits(h)
-        logit_y = zc.gather(1, y[:, None]).squeeze(1)
-        self.e = torch.exp(zc) if want_entropy else zc.exp_()
-        s = self.e.sum(1)
-        self.inv_s, log_s = 1.0 / s, torch.log(s)
-        self.logp = (logit_y - log_s).clamp(max=0.0)
-        self.zc, self.log_s, self.entropy = None, log_s, None
-        if want_entropy:
-            self.zc = zc
-            self.entropy = log_s - torch.linalg.vecdot(self.e, zc) * self.inv_s
+    def __init__(self, head, h, y, want_entropy, keep_logits=False):
+        z = head.logits(h)
+        logit_y = z.gather(1, y[:, None]).squeeze(1)
+        self.e, self.m, s, dot = exp_rows(z, keep_logits, want_entropy)
+        self.inv_s, self.log_s = 1.0 / s, torch.log(s)
+        self.logp = (logit_y - self.m - self.log_s).clamp(max=0.0)
+        self.z = z if keep_logits else None
+        self.entropy = self.log_s - dot * self.inv_s if want_entropy else None
 
 
 class _Grads:
@@ -117,8 +121,8 @@ class _Grads:
                 self.db += c.e.t() @ r
                 self.db.index_add_(0, y, g)
             return
-        # log p = zc - log s: dlogits = -(e / s) * (g + g_ent * (zc - log s + H)) + g onehot
-        q = c.zc.add_((c.entropy - c.log_s)[:, None]).mul_(g_ent[:, None]).add_(g[:, None])
+        # log p = z - m - log s: dlogits = -(e / s) (g + g_ent (z - m - log s + H)) + g onehot
+        q = c.z.add_((c.entropy - c.log_s - c.m)[:, None]).mul_(g_ent[:, None]).add_(g[:, None])
         dz = c.e.mul_(q).mul_(-c.inv_s[:, None])
         dz.scatter_add_(1, y[:, None], g[:, None].to(dz.dtype))
         if self.dh is not None:
@@ -175,7 +179,7 @@ class ChunkedGRPOLoss(torch.autograd.Function):
         for n0 in range(0, n, rows):
             n1 = min(n0 + rows, n)
             h, y = h_all[n0:n1], targets[n0:n1]
-            c = _Chunk(head, h, y, want_entropy)
+            c = _Chunk(head, h, y, want_entropy, keep_logits=one_pass and need_ent_grad)
             logp[n0:n1] = c.logp
             if want_entropy:
                 ent[n0:n1] = c.entropy
@@ -199,7 +203,8 @@ class ChunkedGRPOLoss(torch.autograd.Function):
                 for n0 in range(0, n, rows):
                     n1 = min(n0 + rows, n)
                     h, y = h_all[n0:n1], targets[n0:n1]
-                    grads.add(n0, n1, h, y, _Chunk(head, h, y, g_ent is not None), g[n0:n1],
+                    ent_grad = g_ent is not None
+                    grads.add(n0, n1, h, y, _Chunk(head, h, y, ent_grad, ent_grad), g[n0:n1],
                               None if g_ent is None else g_ent[n0:n1], head)
         ctx.grads = (None, None, None)
         if grad:
@@ -260,7 +265,8 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         for n0 in range(0, n, _rows(V)):
             n1 = min(n0 + _rows(V), n)
             h, y = h_all[n0:n1], targets[n0:n1]
-            grads.add(n0, n1, h, y, _Chunk(head, h, y, grad_entropy is not None), g_all[n0:n1],
+            ent_grad = grad_entropy is not None
+            grads.add(n0, n1, h, y, _Chunk(head, h, y, ent_grad, ent_grad), g_all[n0:n1],
                       None if grad_entropy is None else grad_entropy[n0:n1].to(dt), head)
         cast = (lambda x, like: None if x is None else x.to(like.dtype))
         return (cast(grads.dh, hidden), cast(grads.dw, weight),
