@@ -241,6 +241,42 @@ def _value(records, shape, op, impl, mode, metric):
     pytest.skip(f"no {op} {impl} {mode} {metric} measured in this run")
 
 
+INTERLEAVED_ROUNDS = 7
+
+
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_floor_interleaved(benchmark, records, shape_name):
+    """grpo_loss fwd+bwd of our impl and of the GEMM floor alternated round by round
+    (INTERLEAVED_ROUNDS each, medians; metric "time_interleaved"). On shared machines the speed
+    drifts over minutes, so the ratio of two test_kernel measurements taken minutes apart moves
+    by +-20%; alternating the two cancels the drift. test_targets takes the floor ratio from
+    these. (It takes the benchmark fixture only so that --benchmark-only runs it.)"""
+    import time
+    shape = SHAPES[shape_name]
+    x = make_inputs(**shape, device="cuda" if ON_GPU else "cpu")
+    steps = {p: make_step("grpo_loss", p, "fwd_bwd", x)
+             for p in ("triton" if ON_GPU else "torch", FLOOR)}
+    times = {p: [] for p in steps}
+    for k in range(INTERLEAVED_ROUNDS + 1):   # round 0 warms up
+        for p, (setup, run) in steps.items():
+            setup()
+            if ON_GPU:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run()
+            if ON_GPU:
+                torch.cuda.synchronize()
+            if k:
+                times[p].append(time.perf_counter() - t0)
+    dims = {k: shape[k] for k in ("N", "d", "V")}
+    for p, ts in times.items():
+        median = sorted(ts)[len(ts) // 2]
+        records.append(record("grpo_loss", p, "fwd_bwd", dims, shape["dtype"],
+                              "time_interleaved", median * 1e3, "ms"))
+        benchmark.extra_info[f"{p}_ms"] = median * 1e3
+    assert all(len(ts) == INTERLEAVED_ROUNDS for ts in times.values())
+
+
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_targets(benchmark, records, shape_name):
     """The loss's targets as ratios against naive, Liger and the GEMM floor, all measured in
@@ -256,7 +292,10 @@ def test_targets(benchmark, records, shape_name):
     print(f"\n{shape_name}: {ours}/naive time {t_ours / t_naive:.2f}x, "
           f"extra peak {m_ours:.0f} / {m_naive:.0f} MiB = {m_ours / max(m_naive, 1e-9):.2f}x")
     floor = get(FLOOR, "time")
-    print(f"{shape_name}: {ours} / {FLOOR} {t_ours / floor:.2f}x")
+    print(f"{shape_name}: {ours} / {FLOOR} {t_ours / floor:.2f}x (separate measurements)")
+    # The floor target on the interleaved pair (test_floor_interleaved): same minutes, same speed.
+    t_pair, floor_pair = get(ours, "time_interleaved"), get(FLOOR, "time_interleaved")
+    print(f"{shape_name}: {ours} / {FLOOR} {t_pair / floor_pair:.2f}x (interleaved)")
     if not ON_GPU and _available("liger"):
         t_liger, m_liger = get("liger", "time"), get("liger", "extra_peak_memory")
         print(f"{shape_name}: torch / liger time {t_ours / t_liger:.2f}x, extra peak "
@@ -265,10 +304,12 @@ def test_targets(benchmark, records, shape_name):
         # within 1.3x of the matrix multiplications the op cannot avoid.
         assert t_ours <= 0.9 * t_liger, f"torch {t_ours:.1f} ms > 0.9 x liger {t_liger:.1f} ms"
         assert m_ours <= m_liger, f"torch extra peak {m_ours:.0f} MiB > liger's {m_liger:.0f}"
-        assert t_ours <= 1.3 * floor, f"torch {t_ours:.1f} ms > 1.3 x mm floor {floor:.1f} ms"
+        assert t_pair <= 1.3 * floor_pair, \
+            f"torch {t_pair:.1f} ms > 1.3 x mm floor {floor_pair:.1f} ms (interleaved)"
     if ON_GPU:
         assert t_ours < t_naive
-        assert t_ours <= 1.3 * floor, f"triton {t_ours:.1f} ms > 1.3 x floor {floor:.1f} ms"
+        assert t_pair <= 1.3 * floor_pair, \
+            f"triton {t_pair:.1f} ms > 1.3 x floor {floor_pair:.1f} ms (interleaved)"
         if shape["d"] == 1536 and shape["V"] == 151936 and shape["N"] == 16384:
             assert m_ours <= 1.2 * 1024, f"extra peak {m_ours:.0f} MiB > 1.2 GiB"
     elif shape["N"] * shape["V"] * 4 >= 256 * 2 ** 20:

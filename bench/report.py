@@ -47,13 +47,22 @@ def kernel_tables(recs) -> list[str]:
     for op in ("grpo_loss", "token_logprobs"):
         impls = [i for i in ("triton", "torch", "naive", "liger", "cublas_floor", "mm_floor")
                  if any(r["op"] == op and r["impl"] == i for r in recs)]
+        # The floor ratio from the interleaved pair (bench_grpo_loss.test_floor_interleaved)
+        pair = [(i, f) for i in ("triton", "torch") for f in ("cublas_floor", "mm_floor")
+                if op == "grpo_loss" and any(r["metric"] == "time_interleaved" and r["impl"] == i
+                                             for r in recs)
+                and any(r["metric"] == "time_interleaved" and r["impl"] == f for r in recs)]
+        extra = [f"{i} / {f} (interleaved)" for i, f in pair[:1]]
         out += [f"**{op}**, forward + backward: median time (ms) / extra peak memory (MiB)", "",
-                "| N | d | V | " + " | ".join(impls) + " |",
-                "| --- | --- | --- | " + " | ".join("---" for _ in impls) + " |"]
+                "| N | d | V | " + " | ".join(impls + extra) + " |",
+                "| --- | --- | --- | " + " | ".join("---" for _ in impls + extra) + " |"]
         for s in shapes:
             cells = [f"{_fmt(value(recs, op, i, 'fwd_bwd', s, 'time'), '.1f')} / "
                      f"{_fmt(value(recs, op, i, 'fwd_bwd', s, 'extra_peak_memory'), '.0f')}"
                      for i in impls]
+            for i, f in pair[:1]:
+                a, b = (value(recs, op, x, "fwd_bwd", s, "time_interleaved") for x in (i, f))
+                cells.append(f"{a:.1f} / {b:.1f} = {a / b:.2f}x" if a and b else "-")
             out.append(f"| {s['N']} | {s['d']} | {s['V']} | " + " | ".join(cells) + " |")
         out.append("")
     return out

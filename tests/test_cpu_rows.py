@@ -88,8 +88,7 @@ def test_native_switch(monkeypatch):
 def test_loss_with_native_rows_equals_it_without(monkeypatch, opts):
     """The torch impl (fp32, several chunks) with the native rows: the same loss, gradients,
     log-probs and entropies as with torch's ops, to fp32 rounding."""
-    monkeypatch.setattr(chunked, "ROW_BUDGET", 300 * 7)   # 7 rows per chunk
-    monkeypatch.setattr(chunked, "MIN_ROWS", 1)
+    monkeypatch.setattr(chunked, "_rows", lambda V, d: 7)   # 7 rows per chunk
     g = torch.Generator().manual_seed(3)
     B, T, d, V = 4, 9, 16, 300
     h = torch.randn(B, T, d, generator=g)
@@ -108,3 +107,14 @@ def test_loss_with_native_rows_equals_it_without(monkeypatch, opts):
         out[native] = (loss, hh.grad, ww.grad, stats["logp"], stats["entropy"])
     for a, b in zip(out[True], out[False]):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_chunk_rows():
+    """The torch impl's chunk rows (chunked._rows): the measured best of the CPU shapes, never
+    past ROW_CAP elements, at least one row."""
+    assert [chunked._rows(V, d) for V, d in [(16384, 128), (65536, 128), (4096, 128),
+                                             (16384, 512)]] == [128, 256, 512, 512]
+    for V in (2, 300, 4096, 32000, 151936, 10 ** 7, 10 ** 8):
+        for d in (8, 128, 1536, 8192):
+            r = chunked._rows(V, d)
+            assert r >= 1 and (r == 1 or r * V <= chunked.ROW_CAP)

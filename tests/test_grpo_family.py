@@ -162,8 +162,7 @@ def test_chunking_does_not_change_results(case, monkeypatch):
     """Many small row chunks (both the one-pass and the two-pass path) equal one chunk."""
     inputs = case_inputs(case)
     one = run("torch", *inputs, torch.float32)
-    monkeypatch.setattr(chunked, "ROW_BUDGET", V * 5)  # 5 rows per chunk
-    monkeypatch.setattr(chunked, "MIN_ROWS", 1)
+    monkeypatch.setattr(chunked, "_rows", lambda V, d: 5)  # 5 rows per chunk
     many = run("torch", *inputs, torch.float32)
     assert_close("loss", many[0], one[0], 1e-6, 1e-5)
     for k in one[2]:

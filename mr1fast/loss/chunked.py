@@ -2,10 +2,10 @@
 
 No [N, V] tensor is ever built, and nothing reads a device value on the host (no sync).
 
-Both work on chunks of R rows over the whole vocabulary (R = ROW_BUDGET // V, at least
-MIN_ROWS), the logits' GEMM followed by the softmax rows of the [R, V] chunk (row max, then exp
-and row sum: mr1fast.kernels.cpu_rows, native on the CPU; _Chunk) instead of an online
-log-sum-exp over vocabulary tiles. The temperature
+Both work on chunks of R rows over the whole vocabulary (R = _rows(V, d)), the logits' GEMM
+followed by the softmax rows of the [R, V] chunk (row max, then exp and row sum:
+mr1fast.kernels.cpu_rows, native on the CPU; _Chunk) instead of an online log-sum-exp over
+vocabulary tiles. The temperature
 scales the rows of h, the bias rides in the GEMM, and the softmax's normalisation is folded
 into the gradient GEMMs' row scales.
 
@@ -23,7 +23,7 @@ sequence-level ratios, VESPO, the off-policy and top-entropy masks) need every t
 before any gradient: a first pass computes the log-probs and entropies (2NdV), autograd gives
 all d loss / d logp at once, and a second pass recomputes each chunk's logits for the gradients
 (6NdV): 8NdV, as before. Peak extra memory: one [R, V] fp32 logits chunk and its softmax (R =
-ROW_BUDGET // V rows), the fp32 dH and dW buffers (which become the gradients) and O(N) vectors.
+_rows(V, d)), the fp32 dH and dW buffers (which become the gradients) and O(N) vectors.
 """
 from __future__ import annotations
 
@@ -32,17 +32,19 @@ import torch
 from mr1fast.kernels.cpu_rows import exp_rows
 from mr1fast.kernels.gemm import acc_dtype, matmul_acc
 
-# The chunk: R = max(MIN_ROWS, ROW_BUDGET // V) rows. Measured on 2 cores (fp32, the torch impl
-# against the GEMMs alone, 7-9 interleaved rounds, 2026-12-07): below 128 rows the per-chunk
-# costs (about 0.8 ms of Python and autograd for the objective, and the dW GEMM's K = R) weigh;
-# chunks past 8-16 MiB fall out of cache (at d = 128, V = 16384: 128 rows 1.16-1.25x the GEMMs
-# alone, 256 rows 1.30-1.50x, 1024 rows 1.44x).
+# The chunk: R = min(max(MIN_ROWS, ROW_BUDGET // V, V // 256, d), ROW_CAP // V) rows. An
+# empirical fit to the GEMMs on 2 cores (MKL, fp32; 7-8 interleaved rounds, 2026-12-07): the
+# three GEMMs alone are fastest at R = 128 for V = 16384 (67.6 ms vs 76.1 at 256, N = 1024),
+# at R = 256 for V = 65536 (309 vs 361 at 128), at R >= 512 for V = 4096 and at R >= 512 for
+# d = 512; below 128 rows the per-chunk costs (about 0.8 ms of Python and autograd for the
+# objective) weigh. ROW_CAP bounds the chunk at 64 MiB of fp32 (at V = 151936: 110 rows).
 ROW_BUDGET = 1 << 21   # elements of one [R, V] logits chunk (8 MiB in fp32) ...
 MIN_ROWS = 128         # ... but at least this many rows
+ROW_CAP = 1 << 24      # ... and at most this many elements
 
 
-def _rows(V: int) -> int:
-    return max(MIN_ROWS, ROW_BUDGET // V)
+def _rows(V: int, d: int) -> int:
+    return max(1, min(max(MIN_ROWS, ROW_BUDGET // V, V // 256, d), ROW_CAP // V))
 
 
 class _Head:
@@ -165,7 +167,7 @@ class ChunkedGRPOLoss(torch.autograd.Function):
         need = tuple(x and grad_enabled for x in ctx.needs_input_grad[:3])
         grad = any(need)
         head = _Head(weight, bias, temperature)
-        rows = _rows(V)
+        rows = _rows(V, hidden.shape[1])
         dt = acc_dtype(hidden.dtype)
         h_all = hidden if hidden.dtype == dt else hidden.to(dt)
         # Masked tokens (check_values=False) may hold any id; their gradient is 0 anyway.
@@ -243,8 +245,8 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         h_all = hidden if hidden.dtype == dt else hidden.to(dt)
         logp = torch.empty(n, dtype=dt, device=hidden.device)
         entropy = torch.empty(n, dtype=dt, device=hidden.device)
-        for n0 in range(0, n, _rows(V)):
-            n1 = min(n0 + _rows(V), n)
+        for n0 in range(0, n, _rows(V, hidden.shape[1])):
+            n1 = min(n0 + _rows(V, hidden.shape[1]), n)
             c = _Chunk(head, h_all[n0:n1], targets[n0:n1], True)
             logp[n0:n1], entropy[n0:n1] = c.logp, c.entropy
         ctx.save_for_backward(hidden, weight, bias, targets)
@@ -262,8 +264,8 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         h_all = hidden if hidden.dtype == dt else hidden.to(dt)
         g_all = torch.zeros(n, dtype=dt, device=hidden.device) if grad_logp is None \
             else grad_logp.to(dt)
-        for n0 in range(0, n, _rows(V)):
-            n1 = min(n0 + _rows(V), n)
+        for n0 in range(0, n, _rows(V, hidden.shape[1])):
+            n1 = min(n0 + _rows(V, hidden.shape[1]), n)
             h, y = h_all[n0:n1], targets[n0:n1]
             ent_grad = grad_entropy is not None
             grads.add(n0, n1, h, y, _Chunk(head, h, y, ent_grad, ent_grad), g_all[n0:n1],
