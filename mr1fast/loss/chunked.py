@@ -32,19 +32,20 @@ import torch
 from mr1fast.kernels.cpu_rows import exp_rows
 from mr1fast.kernels.gemm import acc_dtype, matmul_acc
 
-# The chunk: R = min(max(MIN_ROWS, ROW_BUDGET // V, V // 256, d), ROW_CAP // V) rows. An
-# empirical fit to the GEMMs on 2 cores (MKL, fp32; 7-8 interleaved rounds, 2026-12-07): the
-# three GEMMs alone are fastest at R = 128 for V = 16384 (67.6 ms vs 76.1 at 256, N = 1024),
-# at R = 256 for V = 65536 (309 vs 361 at 128), at R >= 512 for V = 4096 and at R >= 512 for
-# d = 512; below 128 rows the per-chunk costs (about 0.8 ms of Python and autograd for the
-# objective) weigh. ROW_CAP bounds the chunk at 64 MiB of fp32 (at V = 151936: 110 rows).
+# The chunk: R = min(max(MIN_ROWS, ROW_BUDGET // V, d), ROW_CAP // V) rows. An empirical fit
+# on 2 cores (MKL, fp32; 7-8 interleaved rounds, 2026-12-07): the three GEMMs alone are fastest
+# at R = 128 for V = 16384 (67.6 ms vs 76.1 at 256, N = 1024), at R >= 512 for V = 4096 and for
+# d = 512 (the dW GEMM's K = R amortises its [V, d] read-modify-write); below 128 rows the
+# per-chunk costs (about 0.8 ms of Python and autograd for the objective) weigh. At V = 65536,
+# 256 rows would be faster (309 vs 361 ms) but take more extra memory than Liger's loss (181 vs
+# 153 MiB). ROW_CAP bounds the chunk at 64 MiB of fp32 (at V = 151936: 110 rows).
 ROW_BUDGET = 1 << 21   # elements of one [R, V] logits chunk (8 MiB in fp32) ...
 MIN_ROWS = 128         # ... but at least this many rows
 ROW_CAP = 1 << 24      # ... and at most this many elements
 
 
 def _rows(V: int, d: int) -> int:
-    return max(1, min(max(MIN_ROWS, ROW_BUDGET // V, V // 256, d), ROW_CAP // V))
+    return max(1, min(max(MIN_ROWS, ROW_BUDGET // V, d), ROW_CAP // V))
 
 
 class _Head:
