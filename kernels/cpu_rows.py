@@ -35,8 +35,8 @@ def native():
 
 def exp_rows_reference(z: torch.Tensor, keep_logits: bool, want_dot: bool):
     m = z.amax(1)
-    zc = z - m[:, None] if keep_logits or want_dot else z.sub_(m[:, None])
-    e = torch.exp(zc) if keep_logits or want_dot else zc.exp_()
+    zc = z - m[:, None] if keep_logits else z.sub_(m[:, None])   # z - m in place unless kept
+    e = torch.exp(zc) if want_dot or keep_logits else zc.exp_()
     s = e.sum(1)
     t = torch.linalg.vecdot(e, zc) if want_dot else None
     return e, m, s, t

@@ -1,6 +1,7 @@
 """mr1fast.kernels.cpu_rows: the native softmax rows (csrc/cpu_rows.cpp) against their torch
 reference, and the torch impl of the loss with the native rows against it without them."""
 import functools
+import os
 import shutil
 
 import pytest
@@ -18,6 +19,8 @@ def test_native_rows_are_built_where_a_compiler_exists():
     """setup.sh builds csrc/ wherever a C++ compiler exists (CI has one): not skipped there."""
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler: torch's ops run")
+    if os.environ.get("MR1FAST_NATIVE") == "0":
+        pytest.skip("MR1FAST_NATIVE=0: the native extensions are switched off")
     assert NATIVE, "mr1fast.kernels._cpu is not built (or not for this CPU): run `bash setup.sh`"
     assert cpu_rows.native().capability() in ("AVX512", "AVX2", "DEFAULT")
 

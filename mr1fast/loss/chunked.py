@@ -5,9 +5,8 @@ No [N, V] tensor is ever built, and nothing reads a device value on the host (no
 Both work on chunks of R rows over the whole vocabulary (R = _rows(V, d)), the logits' GEMM
 followed by the softmax rows of the [R, V] chunk (row max, then exp and row sum:
 mr1fast.kernels.cpu_rows, native on the CPU; _Chunk) instead of an online log-sum-exp over
-vocabulary tiles. The temperature
-scales the rows of h, the bias rides in the GEMM, and the softmax's normalisation is folded
-into the gradient GEMMs' row scales.
+vocabulary tiles. The temperature scales the rows of h, the bias rides in the GEMM, and the
+softmax's normalisation is folded into the gradient GEMMs' row scales.
 
 token_logprobs (ChunkedTokenLogprobs): the forward computes log-probs and entropies; the
 backward recomputes each chunk's logits and turns them into dH and dW (8NdV in all, since the
