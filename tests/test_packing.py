@@ -2,8 +2,8 @@
 the padded per-completion forward's log-probs and gradients; the native data path (csrc/)
 equals its Python reference and transformers' get_rope_index; FlexAttention's forward equals
 SDPA's; token-budget micro-batches."""
-import random
 import os
+import random
 import shutil
 import warnings
 
