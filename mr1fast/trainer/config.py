@@ -119,6 +119,8 @@ class EvalConfig:
     max_new_tokens: int = 256
     batch_size: int = 16
     models: dict = field(default_factory=dict)  # label -> checkpoint; empty: model.name
+    samples: int = 0                  # k > 0: also k sampled answers per item (pass@k)
+    temperature: float = 1.0          # ... at this temperature
 
 
 @dataclass
@@ -195,14 +197,14 @@ POSITIVE = ("grpo.num_generations", "grpo.prompts_per_step", "grpo.updates_per_b
             "eval.batch_size", "data.max_prompt_length", "log.save_every", "log.keep_checkpoints",
             "grpo.max_bad_steps", "grpo.temperature", "vllm.sync_every", "vllm.sync_bucket_mb",
             "vllm.cpu_kv_cache_gb", "vllm.is_cap", "grpo.reward_timeout_s", "dist.timeout_s",
-            "dist.gpus", "dist.gpu_gb")
+            "dist.gpus", "dist.gpu_gb", "eval.temperature")
 NON_NEGATIVE = ("grpo.lr", "sft.lr", "grpo.epochs",
                 "sft.epochs", "grpo.max_steps", "sft.max_steps", "grpo.micro_batch_size",
                 "sft.micro_batch_size", "data.limit", "eval.limit", "grpo.sft_warmup_steps",
                 "grpo.weight_decay", "sft.weight_decay", "grpo.max_grad_norm",
                 "sft.max_grad_norm", "log.eval_every",
                 "vllm.max_num_seqs", "grpo.max_tokens_per_micro_batch",
-                "sft.max_tokens_per_micro_batch")
+                "sft.max_tokens_per_micro_batch", "eval.samples")
 
 
 # key: (low, high, low inclusive, high inclusive)

@@ -15,39 +15,97 @@ from .distributed import World
 from .errors import UsageError
 from .model import PromptEncoder, load_encoder, load_model, model_dtype, resolve_model
 from .preflight import check_model
-from .rewards import RewardRunner
+from .rewards import RewardRunner, completion_answer, gold_answer
 from .run import check_eval_tasks, distributed_run, log
 
 
 @torch.no_grad()
 def evaluate(model, encoder: PromptEncoder, examples: list[Example], score: RewardRunner, *,
-             max_new_tokens: int, batch_size: int, world: World = World()) -> dict:
-    """{"accuracy", "format", "n", "unscored"} over `examples` with greedy decoding; accuracy in
-    %. `score` is a RewardRunner with the "accuracy" and "format" rewards. With several
-    processes each evaluates every world.size-th example on its own (unsharded) `model`, and
-    the counts are summed."""
+             max_new_tokens: int, batch_size: int, world: World = World(), samples: int = 0,
+             temperature: float = 1.0, seed: int = 0) -> dict:
+    """{"accuracy", "format", "n", "unscored", "confusion"} over `examples` with greedy
+    decoding; accuracy and format in %. confusion: {gold answer: {greedy answer: count}}, the
+    answer being the last <answer>'s stripped content ("none" without one). With samples = k >
+    0 also k sampled completions per example at `temperature`, seeded per example (seed and its
+    index: the same draws on every run and any number of processes): "pass@k" (the share of
+    examples with at least one right answer, %) and "sampled_accuracy" (the mean share of right
+    answers, %). `score` is a RewardRunner with the "accuracy" and "format" rewards. With
+    several processes each evaluates every world.size-th example on its own (unsharded)
+    `model`, and the counts are summed."""
     sampler = HFSampler(model, encoder.stop_ids, encoder.tokenizer.pad_token_id,
                         encoder.multimodal_ids)
-    params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
+    greedy = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
+    sampled = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
     device = next(model.parameters()).device
     acc = fmt = 0.0
-    failed = 0
-    mine = examples[world.rank::world.size]
-    for i in range(0, len(mine), batch_size):
-        batch = mine[i: i + batch_size]
-        out = sampler.generate(encoder.encode_examples(batch, device), 1, params)
+    failed = passed = right = 0
+    confusion: dict = {}
+    index = list(range(len(examples)))[world.rank::world.size]
+    for i in range(0, len(index), batch_size):
+        ids = index[i: i + batch_size]
+        batch = [examples[j] for j in ids]
+        rows = [e.reward_row() for e in batch]
+        prompts = encoder.encode_examples(batch, device)
+        out = sampler.generate(prompts, 1, greedy)
         texts = encoder.decode(out.completion_ids, out.completion_mask)
-        result = score(texts, [e.reward_row() for e in batch])
+        result = score(texts, rows)
         acc += sum(v or 0.0 for v in result.values["accuracy"])
         failed += sum(v is None for v in result.values["accuracy"])
         fmt += sum(v or 0.0 for v in result.values["format"])
-    acc, fmt, failed = (sum(x) for x in zip(*world.gather((acc, fmt, failed))))
+        for text, row in zip(texts, rows):
+            gold = gold_answer(row["solution"])
+            by_gold = confusion.setdefault(gold, {})
+            got = completion_answer(text) or "none"
+            by_gold[got] = by_gold.get(got, 0) + 1
+        if samples:
+            out = sampler.generate(prompts, samples, sampled,
+                                   seeds=[seed * 1_000_003 + j for j in ids])
+            texts = encoder.decode(out.completion_ids, out.completion_mask)
+            values = score(texts, [r for r in rows for _ in range(samples)]).values["accuracy"]
+            for k in range(len(batch)):
+                hits = sum((v or 0.0) >= 1.0 for v in values[k * samples:(k + 1) * samples])
+                passed += hits > 0
+                right += hits
+    gathered = world.gather((acc, fmt, failed, passed, right, confusion))
+    acc, fmt, failed, passed, right = (sum(x) for x in list(zip(*gathered))[:5])
+    merged: dict = {}
+    for part in (g[5] for g in gathered):
+        for gold, answers in part.items():
+            row = merged.setdefault(gold, {})
+            for got, c in answers.items():
+                row[got] = row.get(got, 0) + c
     n = len(examples)
     if failed:
         log(f"eval: the accuracy of {failed} of {n} items could not be computed (counted wrong)",
             world)
-    return {"accuracy": 100.0 * acc / n, "format": 100.0 * fmt / n, "n": n,
-            "unscored": failed}
+    out = {"accuracy": 100.0 * acc / n, "format": 100.0 * fmt / n, "n": n, "unscored": failed,
+           "confusion": _sorted_confusion(merged)}
+    if samples:
+        out[f"pass@{samples}"] = 100.0 * passed / n
+        out["sampled_accuracy"] = 100.0 * right / (n * samples)
+    return out
+
+
+def _answer_order(a: str):
+    """Integers first, in numeric order, then the rest as text."""
+    return (0, int(a), "") if a.lstrip("-").isdigit() else (1, 0, a)
+
+
+def _sorted_confusion(confusion: dict) -> dict:
+    return {g: {a: confusion[g][a] for a in sorted(confusion[g], key=_answer_order)}
+            for g in sorted(confusion, key=_answer_order)}
+
+
+def confusion_table(confusion: dict) -> str:
+    """Markdown: one row per gold answer, one column per answer given (counts)."""
+    answers = sorted({a for row in confusion.values() for a in row}, key=_answer_order)
+    lines = ["| gold \\ answer | " + " | ".join(a.replace("|", "\\|") for a in answers)
+             + " |",
+             "|---" * (len(answers) + 1) + "|"]
+    for gold, row in confusion.items():
+        lines.append(f"| {gold.replace('|', chr(92) + '|')} | "
+                     + " | ".join(str(row.get(a, 0)) for a in answers) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def evaluate_tasks(cfg: Config, model, encoder: PromptEncoder, world: World = World()) -> dict:
@@ -64,15 +122,17 @@ def evaluate_tasks(cfg: Config, model, encoder: PromptEncoder, world: World = Wo
                                  limit=e.limit, max_prompt_length=None, strict=cfg.data.strict,
                                  warn=lambda m: log(m, world))
             out[task] = evaluate(model, encoder, examples, score, world=world,
-                                 max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+                                 max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                                 samples=e.samples, temperature=e.temperature, seed=cfg.seed)
     return out
 
 
 def print_results(title: str, results: dict, world: World = World()) -> None:
     if not world.is_main:
         return
-    cells = ", ".join(f"{task} {r['accuracy']:.1f}% (format {r['format']:.0f}%, n={r['n']})"
-                      for task, r in results.items())
+    cells = ", ".join(f"{task} {r['accuracy']:.1f}% (format {r['format']:.0f}%"
+                      + "".join(f", {k} {r[k]:.1f}%" for k in r if k.startswith("pass@"))
+                      + f", n={r['n']})" for task, r in results.items())
     print(f"eval {title}: {cells}", flush=True)
 
 
@@ -81,9 +141,14 @@ def markdown_matrix(matrix: dict) -> str:
     tasks = list(next(iter(matrix.values())))
     lines = ["| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for label, row in matrix.items():
-        lines.append(f"| {label} | " + " | ".join(f"{row[t]['accuracy']:.2f}" for t in tasks)
-                     + " |")
+        lines.append(f"| {label} | " + " | ".join(_cell(row[t]) for t in tasks) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(result: dict) -> str:
+    """accuracy, and pass@k where measured: "42.50 (pass@8 81.25)"."""
+    extra = "".join(f" ({k} {result[k]:.2f})" for k in result if k.startswith("pass@"))
+    return f"{result['accuracy']:.2f}{extra}"
 
 
 def run_eval(cfg: Config) -> dict:
@@ -117,6 +182,10 @@ def run_eval(cfg: Config) -> dict:
         if world.is_main:
             (out_dir / "eval.json").write_text(json.dumps(matrix, indent=2))
             table = markdown_matrix(matrix)
-            (out_dir / "eval.md").write_text(table)
-            print(table)
+            confusions = [f"\nGreedy answers, {label} on {task} (rows: gold):\n\n"
+                          + confusion_table(r["confusion"])
+                          for label, row in matrix.items() for task, r in row.items()
+                          if len({a for v in r["confusion"].values() for a in v}) <= 30]
+            (out_dir / "eval.md").write_text(table + "".join(confusions))
+            print(table + "".join(confusions))
         return matrix

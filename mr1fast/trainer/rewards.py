@@ -34,16 +34,19 @@ _STARTUP_TIMEOUT_S = 120.0
 FLOAT32_MAX = 3.4028234663852886e38  # importing torch and the reward modules in a fresh worker
 
 
-def _answer(text: str) -> str | None:
+def completion_answer(text: str) -> str | None:
     """Stripped content of the last ``<answer>..</answer>`` in ``text``, or None."""
     found = _ANSWER.findall(text)
     return found[-1].strip() if found else None
 
 
-def _gold(solution: str) -> str:
+def gold_answer(solution: str) -> str:
     """A solution's answer: given as ``<answer> 3 </answer>`` or bare ``3``."""
-    answer = _answer(solution)
+    answer = completion_answer(solution)
     return solution.strip() if answer is None else answer
+
+
+_answer, _gold = completion_answer, gold_answer
 
 
 def _math_parse(text: str) -> list:
