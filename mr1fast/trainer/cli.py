@@ -185,6 +185,14 @@ def main(argv=None) -> int:
         c.add_argument("--config", help="recipe YAML (configs/); default: the embedded default")
         c.add_argument("--output-dir", help="run directory (overrides output_dir)")
         c.add_argument("overrides", nargs="*", metavar="section.key=value")
+    r = sub.add_parser("reproduce", help="the paper's comparison from one base: GRPO-D vs "
+                       "constant-beta GRPO vs SFT, same-task and cross-task, over seeds "
+                       "(resumable; a table and a figure)", parents=[common])
+    r.add_argument("--grid", default="configs/reproduce/embedded.yaml",
+                   help="grid YAML (configs/reproduce/); default: %(default)s")
+    r.add_argument("--output-dir", help="default: the grid's output_dir")
+    r.add_argument("--ablations", action="store_true",
+                   help="also run the grid's ablations (format weight, constant beta)")
     q = sub.add_parser("plan", help="memory per process and bytes exchanged per step of a "
                        "recipe on N processes", parents=[common])
     q.add_argument("--config", help="recipe YAML; default: the embedded default")
@@ -270,6 +278,14 @@ def peer_failed(error: BaseException) -> bool:
 def _dispatch(args) -> int:
     if args.cmd in ("train", "sft", "eval"):
         return run_command(args.cmd, args.config, args.output_dir, args.overrides)
+    if args.cmd == "reproduce":
+        from .reproduce import reproduce
+        grid = Path(args.grid)
+        if not grid.is_file() and not grid.is_absolute():   # the repository's configs/
+            grid = Path(__file__).resolve().parents[2] / args.grid
+        reproduce(str(grid) if grid.is_file() else args.grid, args.output_dir,
+                  ablations=args.ablations)
+        return 0
     if args.cmd == "export":
         return export(args.checkpoint, args.out, args.dtype)
     if args.cmd == "plan":

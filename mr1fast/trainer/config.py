@@ -430,7 +430,12 @@ def parse_override(text: str, cfg: Optional[Config] = None) -> dict:
         raise UsageError(f"override {text!r}: expected key=value (e.g. grpo.lr=1e-5)")
     key, raw = text.split("=", 1)
     value = load_yaml(raw, f"override {text!r}") if raw.strip() else ""
-    parts = key.strip().split(".")
+    return override_dict(key.strip(), value, cfg)
+
+
+def override_dict(key: str, value, cfg: Optional[Config] = None) -> dict:
+    """parse_override's nested dict for an already parsed value."""
+    parts = key.split(".")
     if cfg is not None and len(parts) == 3:
         current = getattr(getattr(cfg, parts[0], None), parts[1], None)
         if isinstance(current, dict):

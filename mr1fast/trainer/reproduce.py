@@ -1,0 +1,466 @@
+"""`mr1fast reproduce`: the paper's comparison as one grid of runs from one base model.
+
+GRPO-D, constant-beta GRPO and SFT, each trained on each task on the same budget of training
+examples (GRPO: prompts; SFT: examples), over several seeds, and every final model tested on
+every task: same-task (the paper's Table 1) and cross-task (trained on one, tested on the other).
+Constant beta is tuned as the paper did, on a small grid: each candidate trains on the first
+seed, the one with the best mean same-task *validation* accuracy is kept and run on the other
+seeds. The table reports the *test* split only; nothing is chosen on it.
+
+The grid is a YAML file (configs/reproduce/*.yaml, keys in GRID_KEYS). Output folder:
+  base/                       the base model's validation and test evaluation
+  runs/<method>/<task>/seed<k>/  one sub-run: the trainer's own run folder (checkpoints,
+                              metrics.jsonl, eval.json with its validation curve) and
+                              result.json (its final model's validation and test accuracy)
+  results.json, table.md, figure.png   the aggregate (rewritten after every sub-run)
+Sub-runs are resumable: a finished one (result.json written last, atomically) is never run
+again, an interrupted one resumes from its newest checkpoint. Progress goes to stdout, one line
+per sub-run with the grid's position and an estimate of the time left.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from .checkpoint import latest_checkpoint
+from .config import Config, embedded_default, from_dict, load_config, override_dict, validate
+from .errors import UsageError
+
+GRID_KEYS = ("recipe", "overrides", "base", "seeds", "examples", "tasks", "methods", "eval",
+             "paper", "ablations", "output_dir")
+METHOD_KINDS = ("grpo", "sft")
+
+
+@dataclass
+class Method:
+    name: str
+    kind: str                               # grpo | sft
+    overrides: dict = field(default_factory=dict)
+    task_overrides: dict = field(default_factory=dict)   # task -> overrides on that task
+    tune_beta: list = field(default_factory=list)   # constant-beta candidates (GRPO)
+
+
+@dataclass
+class Grid:
+    recipe: str                             # a config file, or "embedded"
+    overrides: dict
+    seeds: list
+    examples: int
+    tasks: dict                             # task -> source (synthetic:counting, a path, ...)
+    methods: dict                           # name -> Method
+    eval: dict                              # validation, test (items), data_seed, ...
+    paper: dict = field(default_factory=dict)      # method -> {"A" or "A->B": accuracy}
+    ablations: dict = field(default_factory=dict)  # name -> {method, task, key, values}
+    output_dir: str = "runs/reproduce"
+    base: dict = field(default_factory=dict)       # {} (the recipe's model) or {"sft": {...}}
+
+
+@dataclass
+class SubRun:
+    method: str                             # the grid's method, or "<method>-beta<b>"
+    task: str
+    seed: int
+    kind: str
+    overrides: dict
+
+    @property
+    def id(self) -> str:
+        return f"{self.method}/{self.task}/seed{self.seed}"
+
+
+def load_grid(path: str) -> Grid:
+    """The grid of a configs/reproduce/*.yaml file, checked: errors name the key."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--grid {path}: no such file")
+    raw = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"--grid {path}: expected a mapping of {', '.join(GRID_KEYS)}")
+    unknown = sorted(set(raw) - set(GRID_KEYS))
+    if unknown:
+        raise UsageError(f"{path}: unknown key(s) {unknown}; expected {list(GRID_KEYS)}")
+    need = ("seeds", "examples", "tasks", "methods", "eval")
+    missing = [k for k in need if k not in raw]
+    if missing:
+        raise UsageError(f"{path}: missing key(s) {missing}")
+    seeds = raw["seeds"]
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
+        raise UsageError(f"{path}: seeds: expected a non-empty list of integers, got {seeds!r}")
+    if not (isinstance(raw["examples"], int) and raw["examples"] > 0):
+        raise UsageError(f"{path}: examples: expected a positive integer, got "
+                         f"{raw['examples']!r}")
+    if not (isinstance(raw["tasks"], dict) and raw["tasks"]):
+        raise UsageError(f"{path}: tasks: expected a mapping task -> data source")
+    methods = {}
+    for name, m in (raw["methods"] or {}).items():
+        m = dict(m or {})
+        kind = m.pop("recipe", None)
+        if kind not in METHOD_KINDS:
+            raise UsageError(f"{path}: methods.{name}.recipe: expected one of {METHOD_KINDS}, "
+                             f"got {kind!r}")
+        tune = m.pop("tune_beta", [])
+        overrides = m.pop("overrides", {}) or {}
+        per_task = m.pop("task_overrides", {}) or {}
+        if m:
+            raise UsageError(f"{path}: methods.{name}: unknown key(s) {sorted(m)}; expected "
+                             "recipe, overrides, task_overrides, tune_beta")
+        if set(per_task) - set(raw["tasks"]):
+            raise UsageError(f"{path}: methods.{name}.task_overrides: unknown task(s) "
+                             f"{sorted(set(per_task) - set(raw['tasks']))}")
+        if tune and (kind != "grpo" or not all(isinstance(b, (int, float)) and b >= 0
+                                               for b in tune)):
+            raise UsageError(f"{path}: methods.{name}.tune_beta: expected betas >= 0 of a grpo "
+                             f"method, got {tune!r}")
+        methods[name] = Method(name, kind, overrides, per_task, list(tune))
+    if not methods:
+        raise UsageError(f"{path}: methods: expected at least one method")
+    for name, a in (raw.get("ablations") or {}).items():
+        if not (isinstance(a, dict) and {"method", "task", "key", "values"} <= set(a)
+                and a["method"] in methods and a["task"] in raw["tasks"]
+                and isinstance(a["values"], list) and a["values"]):
+            raise UsageError(f"{path}: ablations.{name}: expected method (one of "
+                             f"{sorted(methods)}), task (one of {sorted(raw['tasks'])}), key "
+                             "(a config key) and values (a list)")
+    ev = dict(raw["eval"])
+    for k in ("validation", "test"):
+        if not (isinstance(ev.get(k), int) and ev[k] > 0):
+            raise UsageError(f"{path}: eval.{k}: expected the number of items, got "
+                             f"{ev.get(k)!r}")
+    grid = Grid(recipe=raw.get("recipe", "embedded"), overrides=raw.get("overrides") or {},
+                seeds=seeds, examples=raw["examples"], tasks=dict(raw["tasks"]),
+                methods=methods, eval=ev, paper=raw.get("paper") or {},
+                ablations=raw.get("ablations") or {},
+                output_dir=raw.get("output_dir", "runs/reproduce"), base=raw.get("base") or {})
+    if set(grid.base) - {"sft"} or not isinstance(grid.base.get("sft", {}), dict):
+        raise UsageError(f"{path}: base: expected nothing (the recipe's model) or "
+                         "{sft: {overrides}} (an SFT run that makes the shared base)")
+    base_config(grid)  # every override must apply
+    return grid
+
+
+def _flatten(d: dict) -> dict:
+    """Nested sections to "section.key" (a mapping value under a key stays whole: it replaces
+    that mapping field); keys already dotted are kept ("grpo.rewards.format" sets one entry)."""
+    blank = Config()
+    sections = {f.name for f in dataclasses.fields(Config)
+                if dataclasses.is_dataclass(getattr(blank, f.name))}
+    out = {}
+    for k, v in d.items():
+        if "." not in k and k in sections and isinstance(v, dict):
+            out.update({f"{k}.{k2}": v2 for k2, v2 in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def base_config(grid: Grid, extra: Optional[dict] = None) -> Config:
+    """The recipe with the grid's overrides (and `extra`, flat or nested keys), validated."""
+    cfg = embedded_default() if grid.recipe == "embedded" else load_config(grid.recipe)
+    for key, value in {**_flatten(grid.overrides), **_flatten(extra or {})}.items():
+        cfg = from_dict(override_dict(key, value, cfg), base=cfg,
+                        where=f"reproduce grid, {key}={value!r}")
+    validate(cfg)
+    return cfg
+
+
+def sub_runs(grid: Grid, beta: Optional[dict] = None, ablations: bool = False) -> list[SubRun]:
+    """Every sub-run of the grid in run order. Methods with tune_beta run each candidate on the
+    first seed; with `beta` ({method: {task: chosen beta}}) the chosen one on the other seeds."""
+    out = []
+    first = grid.seeds[:1]
+    for name, m in grid.methods.items():
+        for task in grid.tasks:
+            if m.tune_beta:
+                for b in m.tune_beta:
+                    out += [_sub(grid, f"{name}-beta{b:g}", task, s, m,
+                                 {"grpo.beta_schedule": {"kind": "constant", "beta": float(b)}})
+                            for s in first]
+                if beta is not None and task in beta.get(name, {}):
+                    b = beta[name][task]
+                    out += [_sub(grid, f"{name}-beta{b:g}", task, s, m,
+                                 {"grpo.beta_schedule": {"kind": "constant", "beta": float(b)}})
+                            for s in grid.seeds[1:]]
+            else:
+                out += [_sub(grid, name, task, s, m, {}) for s in grid.seeds]
+    if ablations:
+        for aname, a in grid.ablations.items():
+            m = grid.methods[a["method"]]
+            for v in a["values"]:
+                out += [_sub(grid, f"ablation-{aname}-{v:g}" if isinstance(v, (int, float))
+                             else f"ablation-{aname}-{v}", a["task"], s, m, {a["key"]: v})
+                        for s in grid.seeds]
+    return out
+
+
+def _sub(grid: Grid, method: str, task: str, seed: int, m: Method, extra: dict) -> SubRun:
+    cfg = base_config(grid, {**_flatten(m.overrides), **_flatten(m.task_overrides.get(task, {})),
+                             **_flatten(extra)})
+    batch = cfg.grpo.prompts_per_step if m.kind == "grpo" else cfg.sft.batch_size
+    steps = max(1, math.ceil(grid.examples / batch))
+    overrides = {**_flatten(m.overrides), **_flatten(m.task_overrides.get(task, {})),
+                 **_flatten(extra), "seed": seed,
+                 "data.train": grid.tasks[task], f"{m.kind}.max_steps": steps}
+    return SubRun(method, task, seed, m.kind, overrides)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def _evaluate(grid: Grid, model: str, out_dir: Path) -> dict:
+    """{split: {task: accuracy %}} of `model` on the validation and test items of every task
+    (fixed data seed: the same items for every run)."""
+    from .evaluate import run_eval
+    ev = grid.eval
+    out = {}
+    for split in ("validation", "test"):
+        n = ev[split]
+        cfg = base_config(grid, {"seed": ev.get("data_seed", 1234), "output_dir": str(
+            out_dir / f"eval-{split}"), "eval.tasks": dict(grid.tasks), "eval.split": split,
+            "eval.limit": n, "eval.synthetic_size": n, "eval.models": {"model": model},
+            **{f"eval.{k}": v for k, v in ev.items()
+               if k in ("max_new_tokens", "batch_size", "samples", "temperature")}})
+        matrix = run_eval(cfg)
+        out[split] = {task: r["accuracy"] for task, r in matrix["model"].items()}
+        for task, r in matrix["model"].items():
+            for k in r:
+                if k.startswith("pass@"):
+                    out.setdefault(f"{split}_{k}", {})[task] = r[k]
+    return out
+
+
+def _curve(run_dir: Path, task: str) -> list:
+    """[(step, validation accuracy %)] from the run's own eval.json (log.eval_every)."""
+    p = run_dir / "eval.json"
+    if not p.is_file():
+        return []
+    data = json.loads(p.read_text())
+    pts = []
+    for key, res in data.items():
+        if key.startswith("step_") and task in res:
+            pts.append((int(key[5:]), res[task]["accuracy"]))
+    return sorted(pts)
+
+
+def run_sub(grid: Grid, sub: SubRun, root: Path) -> dict:
+    """Train one sub-run (resuming it) and evaluate its final model; returns its result."""
+    from .grpo import train_grpo
+    from .sft import run_sft
+    run_dir = root / "runs" / sub.id
+    done = run_dir / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    t0 = time.perf_counter()
+    cfg = base_config(grid, {**sub.overrides, "output_dir": str(run_dir),
+                             "eval.tasks": {sub.task: grid.tasks[sub.task]},
+                             "eval.split": "validation"})
+    (train_grpo if sub.kind == "grpo" else run_sft)(cfg)
+    final = run_dir / "checkpoints" / "final"     # SFT; GRPO: its last step checkpoint
+    model = final if final.is_dir() else latest_checkpoint(run_dir)
+    result = {"id": sub.id, "method": sub.method, "task": sub.task, "seed": sub.seed,
+              "model": str(model), **_evaluate(grid, str(model), run_dir),
+              "curve": _curve(run_dir, sub.task), "seconds": time.perf_counter() - t0}
+    _write_json(done, result)
+    return result
+
+
+def _mean_std(xs: list) -> tuple:
+    return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs \
+        else (None, None)
+
+
+def choose_beta(grid: Grid, results: dict) -> dict:
+    """{method: {task: beta}} for the methods with tune_beta, per task as the paper tuned it:
+    the candidate with the best validation accuracy on the task it trained on (first seed);
+    ties: the smaller beta. A task appears once all its candidates have finished."""
+    chosen: dict = {}
+    s0 = grid.seeds[0]
+    for name, m in grid.methods.items():
+        for t in grid.tasks if m.tune_beta else ():
+            score = {b: results[f"{name}-beta{b:g}/{t}/seed{s0}"]["validation"][t]
+                     for b in m.tune_beta if f"{name}-beta{b:g}/{t}/seed{s0}" in results}
+            if len(score) == len(m.tune_beta):
+                chosen.setdefault(name, {})[t] = max(sorted(score), key=lambda b: score[b])
+    return chosen
+
+
+def aggregate(grid: Grid, base: dict, results: dict, beta: dict) -> dict:
+    """{"rows": {method: {column: (mean, std, n)}}, "columns": [...], "beta": beta} over the
+    test split: columns are the tasks (same-task) and "A->B" (trained on A, tested on B). A
+    tuned method's row holds its chosen beta's runs."""
+    tasks = list(grid.tasks)
+    columns = tasks + [f"{a}->{b}" for a in tasks for b in tasks if a != b]
+    rows = {"base": {c: (base.get("test", {}).get(c.split("->")[-1]), 0.0, 1)
+                     for c in columns}}
+    for name, m in grid.methods.items():
+        row = {}
+        for c in columns:
+            train, test = c.split("->") if "->" in c else (c, c)
+            if m.tune_beta:
+                b = beta.get(name, {}).get(train)
+                label = None if b is None else f"{name}-beta{b:g}"
+            else:
+                label = name
+            xs = [r["test"][test] for r in results.values()
+                  if r["method"] == label and r["task"] == train and test in r.get("test", {})]
+            row[c] = (*_mean_std(xs), len(xs))
+        rows[name] = row
+    return {"rows": rows, "columns": columns, "beta": beta}
+
+
+def markdown_table(grid: Grid, agg: dict) -> str:
+    cols = agg["columns"]
+    lines = ["| method | " + " | ".join(f"{c} (test %)" for c in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    for name, row in agg["rows"].items():
+        cells = []
+        for c in cols:
+            mean, std, n = row[c]
+            cell = "-" if mean is None else (f"{mean:.1f}" if name == "base"
+                                             else f"{mean:.1f} ± {std:.1f} (n={n})")
+            paper = (grid.paper.get(name) or {}).get(c)
+            cells.append(cell + (f" [paper {paper}]" if paper is not None else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if agg["beta"]:
+        lines.append("")
+        lines.append("Constant beta chosen on validation (per training task): " + "; ".join(
+            f"{k}: " + ", ".join(f"{t} {b:g}" for t, b in v.items())
+            for k, v in agg["beta"].items()))
+    return "\n".join(lines) + "\n"
+
+
+def ablation_tables(grid: Grid, results: dict) -> str:
+    out = []
+    for aname, a in grid.ablations.items():
+        lines = [f"\nAblation {aname} ({a['key']}; {a['method']} on {a['task']}, test %):\n",
+                 "| value | accuracy |", "|---|---|"]
+        for v in a["values"]:
+            label = f"ablation-{aname}-{v:g}" if isinstance(v, (int, float)) \
+                else f"ablation-{aname}-{v}"
+            xs = [r["test"][a["task"]] for r in results.values() if r["method"] == label]
+            mean, std = _mean_std(xs)
+            lines.append(f"| {v} | " + ("-" if mean is None else
+                                        f"{mean:.1f} ± {std:.1f} (n={len(xs)})") + " |")
+        out.append("\n".join(lines) + "\n")
+    return "".join(out)
+
+
+def figure(grid: Grid, agg: dict, results: dict, path: Path) -> None:
+    """Bars (mean ± std test accuracy per method and column) and validation accuracy over
+    steps (GRPO sub-runs' own curves, mean over seeds)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols, rows = agg["columns"], agg["rows"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / max(1, len(rows))
+    for i, (name, row) in enumerate(rows.items()):
+        xs = [j + i * width for j in range(len(cols))]
+        ax.bar(xs, [row[c][0] or 0.0 for c in cols], width, yerr=[row[c][1] or 0.0 for c in cols],
+               capsize=3, label=name)
+    ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(cols))], cols)
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=8)
+    for name, m in grid.methods.items():
+        for task in grid.tasks:
+            b = agg["beta"].get(name, {}).get(task)
+            label = name if not m.tune_beta else None if b is None else f"{name}-beta{b:g}"
+            curves = [r["curve"] for r in results.values()
+                      if r["method"] == label and r["task"] == task and r.get("curve")]
+            if curves:
+                steps = sorted({s for c in curves for s, _ in c})
+                mean = [statistics.fmean([a for c in curves for s2, a in c if s2 == s])
+                        for s in steps]
+                bx.plot(steps, mean, marker=".", label=f"{name} on {task}")
+    bx.set_xlabel("step")
+    bx.set_ylabel("validation accuracy (%)")
+    if bx.lines:
+        bx.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def reproduce(grid_path: str, output_dir: Optional[str] = None, *, ablations: bool = False,
+              on_done: Optional[Callable[[SubRun, dict], None]] = None) -> dict:
+    """Runs (or resumes) the grid; returns {"base", "results", "aggregate"}. `on_done(sub,
+    result)` is called after each sub-run (tests use it to interrupt)."""
+    grid = load_grid(grid_path)
+    root = Path(output_dir or grid.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    if "sft" in grid.base:   # one SFT run makes the base every sub-run starts from
+        from .sft import run_sft
+        base_dir = root / "base" / "train"
+        final = base_dir / "checkpoints" / "final"
+        if not (final / "config.json").is_file():
+            print("reproduce: training the shared base (SFT)", flush=True)
+            run_sft(base_config(grid, {**_flatten(grid.base["sft"]),
+                                       "output_dir": str(base_dir), "eval.tasks": {}}))
+        grid.overrides = {**_flatten(grid.overrides), "model.name": str(final)}
+    base_file = root / "base" / "result.json"
+    if base_file.is_file():
+        base = json.loads(base_file.read_text())
+    else:
+        base_file.parent.mkdir(parents=True, exist_ok=True)
+        base = _evaluate(grid, base_config(grid).model.name, base_file.parent)
+        _write_json(base_file, base)
+    results: dict = {}
+    t_start = time.perf_counter()
+    ran = 0
+    plan = sub_runs(grid, beta={}, ablations=ablations)
+    total_guess = len(sub_runs(grid, beta={m: {t: 0.0 for t in grid.tasks}
+                                           for m in grid.methods}, ablations=ablations))
+    k = 0
+    while True:
+        for sub in plan:
+            if sub.id in results:
+                continue
+            k += 1
+            fresh = not (root / "runs" / sub.id / "result.json").is_file()
+            t0 = time.perf_counter()
+            results[sub.id] = run_sub(grid, sub, root)
+            if fresh:
+                ran += 1
+                per = (time.perf_counter() - t_start) / ran
+                left = per * (total_guess - k)
+                print(f"reproduce [{k}/{total_guess}] {sub.id}: test "
+                      + ", ".join(f"{t} {a:.1f}%" for t, a in results[sub.id]["test"].items())
+                      + f" ({time.perf_counter() - t0:.0f} s; about {left / 60:.0f} min left)",
+                      flush=True)
+            else:
+                print(f"reproduce [{k}/{total_guess}] {sub.id}: done before (skipped)",
+                      flush=True)
+            _write_summary(grid, root, base, results)
+            if on_done is not None:
+                on_done(sub, results[sub.id])
+        beta = choose_beta(grid, results)
+        more = [s for s in sub_runs(grid, beta=beta, ablations=ablations)
+                if s.id not in results]
+        if not more:
+            break
+        plan = more
+    agg = _write_summary(grid, root, base, results)
+    print(markdown_table(grid, agg) + ablation_tables(grid, results), flush=True)
+    print(f"reproduce: {root / 'table.md'}, {root / 'figure.png'}", flush=True)
+    return {"base": base, "results": results, "aggregate": agg}
+
+
+def _write_summary(grid: Grid, root: Path, base: dict, results: dict) -> dict:
+    beta = choose_beta(grid, results)
+    agg = aggregate(grid, base, results, beta)
+    _write_json(root / "results.json", {"base": base, "results": results,
+                                        "beta": beta, "aggregate": copy.deepcopy(agg)})
+    (root / "table.md").write_text(markdown_table(grid, agg) + ablation_tables(grid, results))
+    figure(grid, agg, results, root / "figure.png")
+    return agg

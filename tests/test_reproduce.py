@@ -1,0 +1,124 @@
+"""`mr1fast reproduce`: a tiny grid (2 seeds, both tasks, GRPO-D, tuned constant-beta GRPO, SFT)
+run to the end through an interruption, and the grid file's checks."""
+import json
+import statistics
+
+import pytest
+import yaml
+
+from mr1fast.trainer import reproduce as rp
+from mr1fast.trainer.errors import UsageError
+
+GRID = {
+    "recipe": "embedded",
+    "overrides": {"grpo": {"sft_warmup_steps": 0, "max_completion_length": 8,
+                           "num_generations": 2, "prompts_per_step": 2},
+                  "sft": {"batch_size": 4},
+                  "data": {"synthetic_size": 16},
+                  "log": {"save_every": 1, "eval_every": 1, "progress": False},
+                  "eval": {"limit": 2, "synthetic_size": 2, "max_new_tokens": 4}},
+    "base": {"sft": {"sft": {"max_steps": 2}}},
+    "seeds": [0, 1],
+    "examples": 4,
+    "tasks": {"counting": "synthetic:counting", "geometry": "synthetic:geometry"},
+    "methods": {
+        "grpo-d": {"recipe": "grpo", "task_overrides": {"geometry": {"grpo": {"beta_schedule": {
+            "kind": "grpo_d", "beta_min": 0.0, "beta_max": 0.02, "explore_ratio": 0.3}}}}},
+        "grpo": {"recipe": "grpo", "overrides": {"grpo": {"beta_schedule": {
+            "kind": "constant", "beta": 0.04}}}, "tune_beta": [0.0, 0.04]},
+        "sft": {"recipe": "sft"}},
+    "eval": {"validation": 3, "test": 4, "data_seed": 7, "max_new_tokens": 4, "batch_size": 4,
+             "samples": 2},
+    "paper": {"grpo-d": {"counting": 76.5}},
+    "ablations": {"format_weight": {"method": "grpo-d", "task": "counting",
+                                    "key": "grpo.rewards.format", "values": [0.0, 1.0]}},
+}
+
+
+def _grid(tmp_path, cache_dir=None, **changes):
+    grid = {**GRID, **changes}
+    if cache_dir is not None:   # the pre-placed tiny model (seed 0) and a shared data cache
+        grid["overrides"] = {**grid["overrides"], "cache_dir": str(cache_dir), "seed": 0}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return str(path)
+
+
+def test_grid_runs_resumes_and_reports(tmp_path, cache_dir):
+    grid = _grid(tmp_path, cache_dir)
+    out = tmp_path / "out"
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_three(sub, result):
+        seen.append(sub.id)
+        if len(seen) == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        rp.reproduce(grid, str(out), on_done=stop_after_three)
+    first = sorted(p.parent for p in (out / "runs").rglob("result.json"))
+    assert len(first) == 3
+    mtimes = {p: (p / "result.json").stat().st_mtime_ns for p in first}
+
+    done = rp.reproduce(grid, str(out))
+    # finished sub-runs were not run again
+    assert all((p / "result.json").stat().st_mtime_ns == t for p, t in mtimes.items())
+    results = done["results"]
+    # 2 tasks x (grpo-d 2 seeds + grpo 2 betas on seed 0 + the chosen beta on seed 1 + sft 2)
+    assert len(results) == 2 * (2 + 2 + 1 + 2)
+    assert not any(r["method"].startswith("ablation") for r in results.values())
+    # the constant beta is chosen per task on validation, never on test
+    beta = done["aggregate"]["beta"]["grpo"]
+    for task, b in beta.items():
+        val = {c: results[f"grpo-beta{c:g}/{task}/seed0"]["validation"][task] for c in (0.0, 0.04)}
+        assert val[b] == max(val.values()) and (val[0.0] != val[0.04] or b == 0.0)
+        assert f"grpo-beta{b:g}/{task}/seed1" in results
+    # the table's cells are the mean and std of the sub-runs' test accuracy
+    row = done["aggregate"]["rows"]["grpo-d"]
+    xs = [results[f"grpo-d/geometry/seed{s}"]["test"]["counting"] for s in (0, 1)]
+    assert row["geometry->counting"][:2] == pytest.approx((statistics.fmean(xs),
+                                                          statistics.stdev(xs)))
+    assert row["counting"][2] == 2
+    for r in results.values():
+        assert set(r["test"]) == {"counting", "geometry"}
+        assert set(r["validation_pass@2"]) == {"counting", "geometry"}
+        assert 0.0 <= r["test"]["counting"] <= 100.0
+    assert [s for s, _ in results["grpo-d/counting/seed0"]["curve"]] == [1]
+    table = (out / "table.md").read_text()
+    assert table.splitlines()[0].startswith("| method | counting (test %) | geometry (test %) |")
+    assert "[paper 76.5]" in table and "Constant beta chosen on validation" in table
+    assert (out / "figure.png").stat().st_size > 0
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["results"]) == set(results)
+    base = json.loads((out / "base" / "result.json").read_text())
+    assert set(base["test"]) == {"counting", "geometry"}
+    # the base every sub-run started from is the grid's SFT base
+    cfg = yaml.safe_load((out / "runs" / "sft" / "counting" / "seed0" / "config.yaml").read_text())
+    assert cfg["model"]["name"] == str(out / "base" / "train" / "checkpoints" / "final")
+    assert cfg["sft"]["max_steps"] == 1 and cfg["seed"] == 0
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seeds": []}, "seeds"),
+    ({"examples": 0}, "examples"),
+    ({"methods": {"x": {"recipe": "ppo"}}}, "methods.x.recipe"),
+    ({"methods": {"x": {"recipe": "sft", "tune_beta": [0.1]}}}, "tune_beta"),
+    ({"methods": {"x": {"recipe": "grpo", "task_overrides": {"ocr": {}}}}}, "task_overrides"),
+    ({"eval": {"validation": 3}}, "eval.test"),
+    ({"ablations": {"a": {"method": "nope", "task": "counting", "key": "grpo.lr",
+                          "values": [1]}}}, "ablations.a"),
+    ({"overrides": {"grpo": {"lrr": 1}}}, "grpo.lrr"),
+    ({"colour": 1}, "unknown key"),
+])
+def test_bad_grids_name_the_key(tmp_path, change, message):
+    with pytest.raises(UsageError, match=message):
+        rp.load_grid(_grid(tmp_path, **change))
+
+
+def test_shipped_grid_loads():
+    grid = rp.load_grid("configs/reproduce/embedded.yaml")
+    assert len(rp.sub_runs(grid, beta={})) == 18
+    assert len(rp.sub_runs(grid, beta={"grpo": {"counting": 0.0, "geometry": 0.01}})) == 22
