@@ -299,6 +299,28 @@ def test_counting_answers_match_the_drawn_shapes():
         make_counting(1, min_objects=3, max_objects=2)
 
 
+def test_grid_counting_puts_one_object_per_cell():
+    """counting-grid (the embedded base's task): 1-5 separate objects, each inside its own
+    28 px cell of the 4 x 4 grid, objects-only questions; the scattered layout is unchanged."""
+    rows = data.GENERATORS["counting-grid"](60, 2)
+    counts = set()
+    for r in rows:
+        assert r["problem"] == "How many objects are there?" and r["task"] == "counting"
+        assert components(r["image"], (128, 128, 128)) == len(r["shapes"]) == r["count"]
+        pixels = r["image"].load()
+        occupied = {(x // 28, y // 28) for x in range(112) for y in range(112)
+                    if pixels[x, y] != (128, 128, 128)}
+        assert len(occupied) == r["count"]          # no object crosses into another cell
+        counts.add(r["count"])
+    assert counts == {1, 2, 3, 4, 5}
+    again = data.GENERATORS["counting-grid"](3, 2)
+    assert [png(r["image"]) for r in again] == [png(r["image"]) for r in rows[:3]]
+    with pytest.raises(ValueError, match="layout"):
+        make_counting(1, layout="rows")
+    with pytest.raises(ValueError, match="does not fit"):
+        make_counting(1, layout="grid", cells=2, max_objects=5)
+
+
 def test_geometry_answers_are_consistent():
     rows = make_geometry(40, seed=2)
     assert {r["kind"] for r in rows} == {"triangle", "supplementary"}
@@ -388,7 +410,7 @@ def test_synthetic_dataset_is_cached_and_splits_differ(tmp_path, monkeypatch):
     test = synthetic_dataset("counting", "test", 8, 0, tmp_path)
     images = [{png(ex.image) for ex in load_examples(p).examples} for p in (train, test)]
     assert len(images[0]) > 1 and not images[0] & images[1]
-    with pytest.raises(ValueError, match=r"\['counting', 'geometry'\]"):
+    with pytest.raises(ValueError, match=r"\['counting', 'counting-grid', 'geometry'\]"):
         synthetic_dataset("ocr", "train", 8, 0, tmp_path)
 
 

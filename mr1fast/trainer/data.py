@@ -11,6 +11,7 @@ layout data/<split>-*.parquet), a `datasets` save_to_disk folder, or a Hugging F
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import math
@@ -261,23 +262,43 @@ _SHAPES = ("circle", "square", "triangle")
 
 
 def make_counting(n: int, seed: int = 0, *, image_size: int = 112, min_objects: int = 1,
-                  max_objects: int = 6) -> list[dict]:
+                  max_objects: int = 6, layout: str = "scattered", cells: int = 4,
+                  shape_questions: float = 0.25) -> list[dict]:
     """CLEVR-like counting rows: non-overlapping circles, squares and triangles on grey.
 
-    Row: image (PIL RGB, image_size^2), problem ("How many objects are there?", or for about a
-    quarter of the rows "How many <shape>s are there?"), solution "<answer> {count} </answer>",
-    task "counting", count (int, the answer) and shapes (list[str], one name per drawn shape).
+    layout "scattered": anywhere in the image; "grid": at most one per cell of a cells x cells
+    grid, near its centre (at 112 px and 4 cells, one cell is one merged Qwen2-VL image token:
+    a small model learns to count these far sooner; docs/notes/embedded-base.md).
+    Row: image (PIL RGB, image_size^2), problem ("How many objects are there?", or for a
+    `shape_questions` share of the rows "How many <shape>s are there?"), solution
+    "<answer> {count} </answer>", task "counting", count (int, the answer) and shapes
+    (list[str], one name per drawn shape).
     """
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"expected 1 <= min_objects <= max_objects, got {min_objects}, "
                          f"{max_objects}")
+    if layout not in ("scattered", "grid"):
+        raise ValueError(f"layout: expected 'scattered' or 'grid', got {layout!r}")
+    if layout == "grid" and max_objects > cells * cells:
+        raise ValueError(f"max_objects={max_objects} does not fit a {cells}x{cells} grid")
     rows = []
     for i in range(n):
-        rng = random.Random(f"counting:{seed}:{i}")
+        rng = random.Random(f"counting:{seed}:{i}" if layout == "scattered"
+                            else f"counting-{layout}:{seed}:{i}")
         image = Image.new("RGB", (image_size, image_size), _BACKGROUND)
         draw, placed, shapes = ImageDraw.Draw(image), [], []
-        for _ in range(rng.randint(min_objects, max_objects)):
-            x, y, r = _free_spot(rng, placed, image_size)
+        count = rng.randint(min_objects, max_objects)
+        spots = rng.sample(range(cells * cells), count) if layout == "grid" else [None] * count
+        for cell in spots:
+            if cell is None:
+                x, y, r = _free_spot(rng, placed, image_size)
+            else:
+                c = image_size / cells
+                jitter = max(1, round(c / 9))
+                x = round((cell % cells + 0.5) * c) + rng.randint(-jitter, jitter)
+                y = round((cell // cells + 0.5) * c) + rng.randint(-jitter, jitter)
+                # inside its cell: centre offset + radius < c / 2
+                r = rng.randint(max(2, round(c / 4)), max(2, int(c / 2) - jitter - 1))
             shape = rng.choice(_SHAPES)
             colour = rng.choice(_COLOURS)
             if shape == "circle":
@@ -289,7 +310,7 @@ def make_counting(n: int, seed: int = 0, *, image_size: int = 112, min_objects: 
                 draw.polygon([(x, y - r), (x - r, y + r * 0.7), (x + r, y + r * 0.7)], fill=colour)
             placed.append((x, y, r))
             shapes.append(shape)
-        if rng.random() < 0.25:
+        if rng.random() < shape_questions:
             asked = rng.choice(shapes)
             problem, count = f"How many {asked}s are there?", shapes.count(asked)
         else:
@@ -446,7 +467,11 @@ def write_examples(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
-GENERATORS = {"counting": make_counting, "geometry": make_geometry}
+GENERATORS = {"counting": make_counting, "geometry": make_geometry,
+              # the embedded base's counting (docs/notes/embedded-base.md): 1-5 objects, one per
+              # cell of a 4 x 4 grid, "How many objects are there?" only
+              "counting-grid": functools.partial(make_counting, layout="grid", max_objects=5,
+                                                 shape_questions=0.0)}
 
 
 def synthetic_dataset(task: str, split: str, n: int, seed: int, cache_dir: Path) -> Path:
