@@ -58,6 +58,12 @@ PRESETS = {
     # ~0.6 M parameters: 2 decoder layers (head_dim 32, the smallest vLLM's CPU attention
     # takes), a 1-block vision tower; a 112x112 image becomes 16 image tokens.
     "tiny": _TINY,
+    # ~1.1 M parameters: the tiny model widened (hidden 128, 4 heads) with a 2-block vision
+    # tower of width 128: the architecture of the embedded base (base.py, BASES), the smallest
+    # measured that learns to count (docs/notes/embedded-base.md).
+    "tiny-base": dict(_TINY, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                      num_key_value_heads=2, vision_embed_dim=128, vision_heads=4,
+                      vision_depth=2),
     # The tiny model with Qwen2-VL's vocabulary (151936): the LM head and the loss then take
     # their realistic share of a step (~9.7 M of its ~10 M parameters). For benchmarks; its
     # processor takes images up to 448x448 (256 image tokens), as R1-V's prompts have them.
@@ -89,9 +95,14 @@ HUB_DIMENSIONS = {"Qwen/Qwen2-VL-2B-Instruct": "qwen2-vl-2b",
 
 
 def resolve_model(name: str, cfg, log: Callable[[str], None] = print) -> str:
-    """A preset name (PRESETS: tiny, tiny-v152k, small, qwen2-vl-2b, qwen2-vl-7b) is a random-weight Qwen2-VL built
-    once into the cache (cfg.cache_dir, seed cfg.seed); anything else is a hub id or a local
-    path, passed through."""
+    """A preset name (PRESETS: tiny, tiny-v152k, tiny-base, small, qwen2-vl-2b, qwen2-vl-7b) is
+    a random-weight Qwen2-VL built once into the cache (cfg.cache_dir, seed cfg.seed); a
+    pre-trained base's name (base.BASES: embedded-base) is that base, built once into the cache
+    by its recipe (about a minute on 2 cores); anything else is a hub id or a local path,
+    passed through."""
+    from .base import BASES, build_base
+    if name in BASES:
+        return str(build_base(name, cache_path(cfg.cache_dir), log))
     if name not in PRESETS:
         return name
     path = cache_path(cfg.cache_dir) / f"{name}-qwen2vl-seed{cfg.seed}"
