@@ -176,21 +176,21 @@ def sub_runs(grid: Grid, beta: Optional[dict] = None, ablations: bool = False) -
     """Every sub-run of the grid in run order. Methods with tune_beta run each candidate on the
     first seed; with `beta` ({method: {task: chosen beta}}) the chosen one on the other seeds."""
     out = []
-    first = grid.seeds[:1]
+
+    def constant(name, task, b, seeds, m):
+        return [_sub(grid, f"{name}-beta{b:g}", task, s, m,
+                     {"grpo.beta_schedule": {"kind": "constant", "beta": float(b)}})
+                for s in seeds]
+
     for name, m in grid.methods.items():
         for task in grid.tasks:
-            if m.tune_beta:
-                for b in m.tune_beta:
-                    out += [_sub(grid, f"{name}-beta{b:g}", task, s, m,
-                                 {"grpo.beta_schedule": {"kind": "constant", "beta": float(b)}})
-                            for s in first]
-                if beta is not None and task in beta.get(name, {}):
-                    b = beta[name][task]
-                    out += [_sub(grid, f"{name}-beta{b:g}", task, s, m,
-                                 {"grpo.beta_schedule": {"kind": "constant", "beta": float(b)}})
-                            for s in grid.seeds[1:]]
-            else:
+            if not m.tune_beta:
                 out += [_sub(grid, name, task, s, m, {}) for s in grid.seeds]
+                continue
+            for b in m.tune_beta:
+                out += constant(name, task, b, grid.seeds[:1], m)
+            if beta is not None and task in beta.get(name, {}):
+                out += constant(name, task, beta[name][task], grid.seeds[1:], m)
     if ablations:
         for aname, a in grid.ablations.items():
             m = grid.methods[a["method"]]
@@ -202,14 +202,13 @@ def sub_runs(grid: Grid, beta: Optional[dict] = None, ablations: bool = False) -
 
 
 def _sub(grid: Grid, method: str, task: str, seed: int, m: Method, extra: dict) -> SubRun:
-    cfg = base_config(grid, {**_flatten(m.overrides), **_flatten(m.task_overrides.get(task, {})),
-                             **_flatten(extra)})
+    own = {**_flatten(m.overrides), **_flatten(m.task_overrides.get(task, {})),
+           **_flatten(extra)}
+    cfg = base_config(grid, own)
     batch = cfg.grpo.prompts_per_step if m.kind == "grpo" else cfg.sft.batch_size
     steps = max(1, math.ceil(grid.examples / batch))
-    overrides = {**_flatten(m.overrides), **_flatten(m.task_overrides.get(task, {})),
-                 **_flatten(extra), "seed": seed,
-                 "data.train": grid.tasks[task], f"{m.kind}.max_steps": steps}
-    return SubRun(method, task, seed, m.kind, overrides)
+    return SubRun(method, task, seed, m.kind, {**own, "seed": seed, "data.train": grid.tasks[task],
+                                               f"{m.kind}.max_steps": steps})
 
 
 def _write_json(path: Path, obj) -> None:
