@@ -119,6 +119,8 @@ def test_bad_grids_name_the_key(tmp_path, change, message):
 
 
 def test_shipped_grid_loads():
+    first = open("configs/reproduce/embedded.yaml").readline()
+    assert first.startswith("# mr1fast reproduce")
     grid = rp.load_grid("configs/reproduce/embedded.yaml")
     assert len(rp.sub_runs(grid, beta={})) == 18
     assert len(rp.sub_runs(grid, beta={"grpo": {"counting": 0.0, "geometry": 0.01}})) == 22
