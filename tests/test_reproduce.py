@@ -124,3 +124,10 @@ def test_shipped_grid_loads():
     grid = rp.load_grid("configs/reproduce/embedded.yaml")
     assert len(rp.sub_runs(grid, beta={})) == 18
     assert len(rp.sub_runs(grid, beta={"grpo": {"counting": 0.0, "geometry": 0.01}})) == 22
+
+
+def test_the_command_reports_a_missing_grid(capsys):
+    from mr1fast.trainer.cli import main
+    assert main(["reproduce", "--grid", "no/such/grid.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "mr1fast reproduce: error: --grid no/such/grid.yaml: no such file" in err
