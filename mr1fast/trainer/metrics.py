@@ -36,7 +36,7 @@ def _json_value(name: str, value: Any) -> int | float | None:
     return value if math.isfinite(value) else None
 
 
-def _atomic_write(path: Path, write: Callable[[IO], None], mode: str = "w") -> None:
+def atomic_write(path: Path, write: Callable[[IO], None], mode: str = "w") -> None:
     """Write `path` through `write(file)` into a temporary file beside it, then os.replace it over
     `path`, so a reader never sees a half-written file. (Not tempfile.mkstemp: its files are 0600,
     this one gets the usual umask permissions.)"""
@@ -136,7 +136,7 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
         rows = [row for row in read_metrics(self.path) if keep(row)]
-        _atomic_write(self.path, lambda f: f.writelines(json.dumps(row) + "\n" for row in rows))
+        atomic_write(self.path, lambda f: f.writelines(json.dumps(row) + "\n" for row in rows))
         self._file = open(self.path, "a", encoding="utf-8")
 
     def close(self) -> None:
@@ -190,7 +190,7 @@ def plot_metrics(jsonl_path: str | Path, png_path: str | Path,
         fig.supxlabel("step")
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
     return png_path
 
 

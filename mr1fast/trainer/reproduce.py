@@ -19,7 +19,6 @@ per sub-run with the grid's position and an estimate of the time left.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -34,6 +33,7 @@ import yaml
 from .checkpoint import latest_checkpoint
 from .config import Config, embedded_default, from_dict, load_config, override_dict, validate
 from .errors import UsageError
+from .metrics import atomic_write
 
 GRID_KEYS = ("recipe", "overrides", "base", "seeds", "examples", "tasks", "methods", "eval",
              "paper", "ablations", "output_dir")
@@ -212,9 +212,7 @@ def _sub(grid: Grid, method: str, task: str, seed: int, m: Method, extra: dict) 
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2))
 
 
 def _evaluate(grid: Grid, model: str, out_dir: Path) -> dict:
@@ -459,7 +457,7 @@ def _write_summary(grid: Grid, root: Path, base: dict, results: dict) -> dict:
     beta = choose_beta(grid, results)
     agg = aggregate(grid, base, results, beta)
     _write_json(root / "results.json", {"base": base, "results": results,
-                                        "beta": beta, "aggregate": copy.deepcopy(agg)})
+                                        "beta": beta, "aggregate": agg})
     (root / "table.md").write_text(markdown_table(grid, agg) + ablation_tables(grid, results))
     figure(grid, agg, results, root / "figure.png")
     return agg
