@@ -396,3 +396,73 @@ def test_an_empty_batch_gives_a_zero_loss_with_zero_gradients(impl, shape):
     assert loss.item() == 0.0 and stats["kl"].item() == 0.0
     assert stats["logp"].shape == (B, T)
     assert torch.count_nonzero(w.grad) == 0
+
+
+# The torch impl's closed-form d loss / d logp (chunked.clipped_objective_grads) against the
+# specification's autograd, per option it covers, through clipping, both log-ratio clamps,
+# masked tokens and ties at the clip bounds (on-policy ratios are exactly 1).
+CLOSED_FORM_CASES = [
+    dict(), dict(loss_type="bnpo"), dict(loss_type="dr_grpo"), dict(loss_type="dapo"),
+    dict(loss_type="luspo"), dict(kl_estimator="k1"), dict(kl_estimator="k2"),
+    dict(eps_low=0.1, eps_high=0.3), dict(log_ratio_clamp=0.5), dict(on_policy=True),
+    dict(no_ref=True), dict(importance_weights="token"), dict(importance_weights="seq"),
+    dict(no_mask=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c", CLOSED_FORM_CASES, ids=lambda c: "-".join(
+    f"{k}={v}" for k, v in c.items()) or "default")
+def test_closed_form_objective_matches_autograd(c, dtype):
+    from mr1fast.loss.chunked import clipped_objective_grads, closed_form
+    from mr1fast.loss.inputs import prepare_batch
+    from mr1fast.loss.options import LossOptions
+    from mr1fast.loss.reference import KernelTokens, objective
+    c = dict(c)
+    flags = {k: c.pop(k, False) for k in ("on_policy", "no_ref", "no_mask")}
+    iw = c.pop("importance_weights", None)
+    options = LossOptions(**c)
+    assert closed_form(options)
+    g = torch.Generator().manual_seed(3)
+    B, T, d, V = 4, 24, 8, 16
+    hidden = torch.randn(B, T, d, generator=g, dtype=dtype)
+    weight = torch.randn(V, d, generator=g, dtype=dtype)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    logp = torch.randn(B * T, generator=g, dtype=dtype) - 2.0
+    # old: ratios inside and outside the clip, exact bounds, and beyond the log-ratio clamp
+    old = (logp + torch.randn(B * T, generator=g, dtype=dtype) * 0.3).view(B, T)
+    old.view(-1)[:4] = logp[:4] - torch.tensor([0.0, 1e-3, 30.0, -30.0], dtype=dtype)
+    ref = (logp + torch.randn(B * T, generator=g, dtype=dtype) * 0.5).view(B, T)
+    ref.view(-1)[4:6] = logp[4:6] + torch.tensor([40.0, -40.0], dtype=dtype)
+    mask = (torch.rand(B, T, generator=g) > 0.2).to(dtype)
+    weights = {None: None, "token": torch.rand(B, T, generator=g, dtype=dtype) + 0.5,
+               "seq": torch.rand(B, generator=g, dtype=dtype) + 0.5}[iw]
+    batch = prepare_batch(hidden, weight, targets, torch.randn(B, generator=g, dtype=dtype),
+                          mask=None if flags["no_mask"] else mask,
+                          old_logp=None if flags["on_policy"] else old,
+                          ref_logp=None if flags["no_ref"] else ref, importance_weights=weights,
+                          beta=0.0 if flags["no_ref"] else 0.07, options=options,
+                          max_completion_length=T,
+                          check_values=False)
+    kt = KernelTokens(batch)
+    for sl in (slice(None), slice(5, 61)):       # the whole batch, and a chunk of it
+        x = logp[sl].clone().requires_grad_()
+        want_loss, want_parts = objective(batch, kt[sl], x, None)
+        want_g, = torch.autograd.grad(want_loss, x)
+        loss, parts, got_g = clipped_objective_grads(batch, kt[sl], logp[sl])
+        tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12,
+                                                                                atol=1e-14)
+        torch.testing.assert_close(loss, want_loss.detach(), **tol)
+        torch.testing.assert_close(got_g, want_g, **tol)
+        for k in ("kl", "low", "high"):
+            torch.testing.assert_close(parts[k], want_parts[k], **tol)
+        assert parts["phi"] is None and want_parts["phi"] is None
+
+
+@pytest.mark.parametrize("c", [dict(delta=1.5), dict(dual_clip=3.0), dict(entropy_coef=0.01),
+                               dict(use_bias_correction_kl=True), dict(loss_type="cispo"),
+                               dict(loss_type="sapo"), dict(importance_sampling_level="sequence"),
+                               dict(top_entropy_quantile=0.5)])
+def test_options_outside_the_closed_form_keep_autograd(c):
+    from mr1fast.loss.chunked import closed_form
+    from mr1fast.loss.options import LossOptions
+    assert not closed_form(LossOptions(**c))

@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .chunked import ChunkedGRPOLoss, ChunkedTokenLogprobs
+from .chunked import ChunkedGRPOLoss, ChunkedTokenLogprobs, closed_form, clipped_objective_grads
 from .fused import triton_grpo_loss, triton_token_logprobs, unavailable_reason
 from .inputs import TokenBatch, check_linear_inputs, check_linear_values, prepare_batch
 from .naive import naive_token_logprobs
@@ -103,7 +103,9 @@ def _torch_grpo_loss(batch: TokenBatch, weight, bias, return_entropy):
     want = _wants_entropy(batch.options, return_entropy)
     loss, logp, ent = ChunkedGRPOLoss.apply(
         batch.take(batch.hidden), weight, bias, batch.take(batch.targets), batch.temperature,
-        lambda sl, lp, en: objective(batch, kt[sl], lp, en), batch.options, want,
+        lambda sl, lp, en: objective(batch, kt[sl], lp, en),
+        (lambda sl, lp: clipped_objective_grads(batch, kt[sl], lp))
+        if closed_form(batch.options) else None, batch.options, want,
         torch.is_grad_enabled(), out)
     return loss, make_stats(batch, kt, logp, out["parts"], ent if return_entropy else None)
 

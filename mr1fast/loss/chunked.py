@@ -15,8 +15,10 @@ caller's gradient is unknown until the backward).
 grpo_loss (ChunkedGRPOLoss): the loss is known inside the op, so when gradients are needed it
 forms dH, dW and db during the forward, one chunk of rows at a time over the whole vocabulary:
 logits (2NdV), then the chunk's d loss / d logp and d loss / d entropy from the objective
-(reference.objective, differentiated by autograd on the chunk's [R] values), then dlogits and
-the two gradient GEMMs (4NdV): 6NdV, the minimum. The backward only scales the stored gradients
+(reference.objective, differentiated by autograd on the chunk's [R] values; for the clipped
+loss types without entropy terms in closed form, clipped_objective_grads, held to the autograd
+by the tests), then the two gradient GEMMs on the softmax chunk with its targets' entries
+shifted (4NdV): 6NdV, the minimum. The backward only scales the stored gradients
 by the incoming one. Objectives that couple tokens (LossOptions.token_separable is False:
 sequence-level ratios, VESPO, the off-policy and top-entropy masks) need every token's log-prob
 before any gradient: a first pass computes the log-probs and entropies (2NdV), autograd gives
@@ -83,18 +85,19 @@ class _Chunk:
         z = head.logits(h)
         logit_y = z.gather(1, y[:, None]).squeeze(1)
         self.e, self.m, s, dot = exp_rows(z, keep_logits, want_entropy)
-        self.inv_s, self.log_s = 1.0 / s, torch.log(s)
+        self.s, self.inv_s, self.log_s = s, 1.0 / s, torch.log(s)
         self.logp = (logit_y - self.m - self.log_s).clamp(max=0.0)
         self.z = z if keep_logits else None
         self.entropy = self.log_s - dot * self.inv_s if want_entropy else None
 
 
 class _Grads:
-    """fp32 (fp64) accumulators of dH, dW and db, filled chunk by chunk."""
+    """fp32 (fp64) accumulators of dH, dW and db, filled chunk by chunk (every row of dH is
+    written once, so it starts empty)."""
 
     def __init__(self, hidden, weight, bias, need):
         dt = acc_dtype(hidden.dtype)
-        self.dh = torch.zeros(hidden.shape, dtype=dt, device=hidden.device) if need[0] else None
+        self.dh = torch.empty(hidden.shape, dtype=dt, device=hidden.device) if need[0] else None
         self.dw = torch.zeros(weight.shape, dtype=dt, device=hidden.device) if need[1] else None
         self.db = torch.zeros(weight.shape[0], dtype=dt, device=hidden.device) \
             if bias is not None and need[2] else None
@@ -103,25 +106,24 @@ class _Grads:
         """Adds chunk c's gradients (rows n0:n1, raw rows h, targets y), dlogits = (g *
         (onehot(y) - p) - g_ent * p * (log p + H)) / temperature for d loss / d logp g and
         d loss / d entropy g_ent [R] (None: 0). Without an entropy gradient, dlogits is never
-        formed: -g * p = (-g / s) * e enters the GEMMs as row scales (dH = (e @ W) * (-g / s)
-        + g * W[y], dW = e^T ((-g / s) * h) + rows y of g * h). Consumes c."""
+        formed: g * (onehot(y) - p) = r * (e - s onehot(y)) with r = -g / s, so the targets'
+        entries of e drop by s (R values) and r enters the GEMMs as a row scale: dH = (e' @ W)
+        * r, dW = e'^T (r * h), db = e'^T r. Consumes c."""
         if head.temperature != 1.0:
             g = g / head.temperature
             g_ent = None if g_ent is None else g_ent / head.temperature
         if g_ent is None:
             r = -g * c.inv_s
+            e = c.e.scatter_add_(1, y[:, None], -c.s[:, None].to(c.e.dtype))
             if self.dh is not None:
-                self.dh[n0:n1] = matmul_acc(c.e, head.w).mul_(r[:, None]) \
-                    + g[:, None] * head.w[y].to(g.dtype)
+                self.dh[n0:n1] = matmul_acc(e, head.w).mul_(r[:, None])
             if self.dw is not None:
-                if c.e.is_cuda:
-                    self.dw += matmul_acc(c.e.t(), r[:, None] * h)
+                if e.is_cuda:
+                    self.dw += matmul_acc(e.t(), r[:, None] * h)
                 else:
-                    self.dw.addmm_(c.e.t(), r[:, None] * h)
-                self.dw.index_add_(0, y, g[:, None] * h)
+                    self.dw.addmm_(e.t(), r[:, None] * h)
             if self.db is not None:
-                self.db += c.e.t() @ r
-                self.db.index_add_(0, y, g)
+                self.db += e.t() @ r
             return
         # log p = z - m - log s: dlogits = -(e / s) (g + g_ent (z - m - log s + H)) + g onehot
         q = c.z.add_((c.entropy - c.log_s - c.m)[:, None]).mul_(g_ent[:, None]).add_(g[:, None])
@@ -151,16 +153,75 @@ def _objective_grads(fn, logp, ent, need_ent_grad):
     return loss.detach(), parts, grads[0], grads[1] if need_ent_grad else None
 
 
+def closed_form(options) -> bool:
+    """Whether clipped_objective_grads covers `options`: the clipped-ratio loss types at token
+    level (grpo, bnpo, dr_grpo, dapo, luspo: they differ only in their token scales) without
+    delta, dual clip, KL bias correction or entropy terms; any KL estimator."""
+    return (options.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+            and options.token_separable and options.delta is None
+            and options.dual_clip is None and not options.use_bias_correction_kl
+            and options.entropy_coef == 0.0)
+
+
+def clipped_objective_grads(batch, kt, logp):
+    """(loss, parts, g) of reference.objective on a chunk kt with log-probs logp [R], with g =
+    d loss / d logp in closed form: the per-chunk autograd of the objective (about 100 small
+    ops) is most of a small chunk's fixed cost. Only for options with closed_form(); every
+    derivative follows torch's own (clamp passes the gradient on its closed interval), and
+    tests/test_grpo_loss.py holds loss, parts and g to the specification's autograd."""
+    o = batch.options
+    m, adv, C = kt.mask, kt.adv, o.log_ratio_clamp
+    live = m != 0
+    if kt.has_mask:
+        logp = torch.where(live, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    if kt.old is None:          # on-policy: ratio exp(logp - sg(logp)) = 1, d ratio / d logp = 1
+        ratio = torch.ones_like(logp)
+        dratio = ratio
+    else:
+        raw = logp - kt.old
+        ratio = torch.exp(raw.clamp(-C, C))
+        dratio = ratio * ((raw >= -C) & (raw <= C))
+    lo, hi = 1.0 - o.eps_low, 1.0 + o.eps_high
+    a, b = ratio * adv, torch.clamp(ratio, lo, hi) * adv
+    pg = -torch.minimum(a, b)
+    # d min(a, b) / d ratio = adv where a is the min, or b inside the clip (torch splits a tie
+    # half and half, but a tie means a = b inside the clip, or adv = 0: the same sum).
+    g_pg = -adv * ((a <= b) | ((ratio >= lo) & (ratio <= hi))) * dratio
+    low = (ratio < lo) & (adv < 0)
+    high = (ratio > hi) & (adv > 0)
+    if kt.iw is not None:
+        pg, g_pg = pg * kt.iw, g_pg * kt.iw
+    if kt.ref is not None:
+        raw_d = kt.ref - logp
+        d = raw_d.clamp(-C, C)
+        inside = (raw_d >= -C) & (raw_d <= C)
+        if o.kl_estimator == "k3":
+            ed = torch.exp(d)
+            kl, g_kl = ed - d - 1.0, (1.0 - ed) * inside
+        elif o.kl_estimator == "k2":
+            kl, g_kl = 0.5 * d * d, -d * inside
+        else:
+            kl, g_kl = -d, inside.to(d.dtype)
+        per_token, g = pg + batch.beta * kl, g_pg + batch.beta * g_kl
+    else:
+        kl, per_token, g = torch.zeros_like(logp), pg, g_pg
+    g = g * kt.scale
+    if kt.has_mask:
+        g = torch.where(live, g, torch.zeros((), dtype=g.dtype, device=g.device))
+    return (per_token * kt.scale).sum(), {"kl": kl, "low": low, "high": high, "phi": None}, g
+
+
 class ChunkedGRPOLoss(torch.autograd.Function):
     """(hidden [n, d], weight [V, d], bias [V] or None, targets [n] int64, temperature,
-    objective, options, want_entropy, grad_enabled, out) -> (loss, logp [n], entropy [n] or
-    empty); grad_enabled: torch.is_grad_enabled() at the call (inside forward it is off). The
-    objective's per-token parts go to out["parts"]. objective(sl, logp, entropy) is
-    reference.objective on the kernel tokens sl (a slice); entropy is computed when
-    `want_entropy`. Module doc: how the gradients are formed during the forward."""
+    objective, fast, options, want_entropy, grad_enabled, out) -> (loss, logp [n], entropy [n]
+    or empty); grad_enabled: torch.is_grad_enabled() at the call (inside forward it is off).
+    The objective's per-token parts go to out["parts"]. objective(sl, logp, entropy) is
+    reference.objective on the kernel tokens sl (a slice); fast(sl, logp) -> (loss, parts,
+    d loss / d logp) the same in closed form (clipped_objective_grads) or None; entropy is
+    computed when `want_entropy`. Module doc: how the gradients are formed during the forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, objective, options,
+    def forward(ctx, hidden, weight, bias, targets, temperature, objective, fast, options,
                 want_entropy, grad_enabled, out):
         n, V = hidden.shape[0], weight.shape[0]
         # needs_input_grad is True under no_grad too: no gradient work unless one is wanted.
@@ -176,6 +237,7 @@ class ChunkedGRPOLoss(torch.autograd.Function):
         ent = torch.empty(n, dtype=dt, device=hidden.device) if want_entropy else None
         grads = _Grads(hidden, weight, bias, need) if grad else None
         one_pass = grad and options.token_separable
+        fast = fast if one_pass else None
         need_ent_grad = options.needs_entropy_grad
         losses, parts = [], []
         for n0 in range(0, n, rows):
@@ -187,9 +249,13 @@ class ChunkedGRPOLoss(torch.autograd.Function):
                 ent[n0:n1] = c.entropy
             if one_pass:
                 sl = slice(n0, n1)
-                loss, part, g, g_ent = _objective_grads(
-                    lambda lp, en: objective(sl, lp, en), logp[n0:n1],
-                    None if ent is None else ent[n0:n1], need_ent_grad)
+                if fast is not None:
+                    loss, part, g = fast(sl, logp[n0:n1])
+                    g_ent = None
+                else:
+                    loss, part, g, g_ent = _objective_grads(
+                        lambda lp, en: objective(sl, lp, en), logp[n0:n1],
+                        None if ent is None else ent[n0:n1], need_ent_grad)
                 losses.append(loss)
                 parts.append(part)
                 grads.add(n0, n1, h, y, c, g, g_ent, head)
@@ -229,7 +295,7 @@ class ChunkedGRPOLoss(torch.autograd.Function):
         dh, dw, db = ctx.grads
         ctx.grads = None  # scaled in place: no second [V, d] buffer
         scale = (lambda x: None if x is None else x.mul_(grad_loss.to(x.dtype)))
-        return scale(dh), scale(dw), scale(db), None, None, None, None, None, None, None
+        return scale(dh), scale(dw), scale(db), None, None, None, None, None, None, None, None
 
 
 class ChunkedTokenLogprobs(torch.autograd.Function):
