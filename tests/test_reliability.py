@@ -25,8 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_args(run_dir, cache_dir, *extra):
-    """`mr1fast train` on the embedded default, shrunk to a few seconds."""
+    """`mr1fast train` on the embedded default's loop with the tiny random model (its
+    checkpoints fit the small disks below), shrunk to a few seconds."""
     return ["train", "--output-dir", str(run_dir), f"cache_dir={cache_dir}", "seed=0",
+            "model.name=tiny", "data.train=synthetic:counting",
+            "eval.tasks={counting: synthetic:counting}",
             "sampler=hf", "log.progress=false", "grpo.max_steps=4", "grpo.sft_warmup_steps=0",
             "grpo.prompts_per_step=2", "grpo.num_generations=2",
             "grpo.max_completion_length=8", "data.synthetic_size=16", "eval.limit=2",
