@@ -321,6 +321,41 @@ def test_grid_counting_puts_one_object_per_cell():
         make_counting(1, layout="grid", cells=2, max_objects=5)
 
 
+def test_polygon_geometry_draws_one_dot_per_vertex():
+    """geometry-polygon (geometry at embedded scale): 3-5 vertex dots, each in its own grid
+    cell, joined by an outline; the answer is the interior-angle sum (k - 2) * 180."""
+    rows = data.GENERATORS["geometry-polygon"](45, 3)
+    sides = set()
+    for r in rows:
+        assert r["task"] == "geometry" and r["problem"].startswith("As shown in the figure")
+        assert r["answer"] == 180 * (r["sides"] - 2)
+        assert r["solution"] == f"<answer>{r['answer']}°</answer>"
+        pixels = r["image"].load()
+        colours = {pixels[x, y] for x in range(112) for y in range(112)} - {(128, 128, 128),
+                                                                           (0, 0, 0)}
+        assert len(colours) == 1                     # the dots, all one colour
+        dot = colours.pop()
+        mono = Image.new("RGB", (112, 112))
+        mono.putdata([(255, 255, 255) if p == dot else (0, 0, 0) for p in r["image"].getdata()])
+        assert components(mono, (0, 0, 0)) == r["sides"]
+        sides.add(r["sides"])
+    assert sides == {3, 4, 5}
+    assert [png(r["image"]) for r in data.GENERATORS["geometry-polygon"](2, 3)] == \
+        [png(r["image"]) for r in rows[:2]]
+    with pytest.raises(ValueError, match="min_sides"):
+        data.GENERATORS["geometry-polygon"](1, min_sides=2)
+
+
+def test_embedded_mix_holds_both_tasks():
+    rows = data.GENERATORS["embedded-mix"](40, 1)
+    tasks = [r["task"] for r in rows]
+    assert 10 < tasks.count("geometry") < 30 and tasks.count("counting") == 40 - \
+        tasks.count("geometry")
+    assert all(set(r) == {"image", "problem", "solution", "task"} for r in rows)
+    assert [png(r["image"]) for r in data.GENERATORS["embedded-mix"](3, 1)] == \
+        [png(r["image"]) for r in rows[:3]]
+
+
 def test_geometry_answers_are_consistent():
     rows = make_geometry(40, seed=2)
     assert {r["kind"] for r in rows} == {"triangle", "supplementary"}

@@ -376,6 +376,57 @@ def make_geometry(n: int, seed: int = 0, *, image_size: int = 112) -> list[dict]
     return rows
 
 
+def make_polygon_angles(n: int, seed: int = 0, *, image_size: int = 112, cells: int = 4,
+                        min_sides: int = 3, max_sides: int = 5) -> list[dict]:
+    """Geometry an embedded-scale model can learn: the sum of a polygon's interior angles,
+    (k - 2) * 180 degrees for k vertices, which needs the vertices counted (each a coloured dot
+    in its own cell of a cells x cells grid: at 112 px one merged image token, as in counting's
+    grid layout) and the rule applied. The vertices are joined in angular order around their
+    centroid (a simple polygon; a vertex on a straight edge still counts, at 180 degrees).
+    Row: image, problem "As shown in the figure, find the sum of the interior angles of the
+    polygon in degrees.", solution "<answer>{sum}°</answer>", task "geometry", kind "polygon",
+    sides (k) and answer (int)."""
+    if not 3 <= min_sides <= max_sides <= cells * cells:
+        raise ValueError(f"expected 3 <= min_sides <= max_sides <= {cells * cells}, got "
+                         f"{min_sides}, {max_sides}")
+    rows = []
+    for i in range(n):
+        rng = random.Random(f"geometry-polygon:{seed}:{i}")
+        image = Image.new("RGB", (image_size, image_size), _BACKGROUND)
+        draw = ImageDraw.Draw(image)
+        k = rng.randint(min_sides, max_sides)
+        c = image_size / cells
+        jitter = max(1, round(c / 9))
+        corners = [(round((cell % cells + 0.5) * c) + rng.randint(-jitter, jitter),
+                    round((cell // cells + 0.5) * c) + rng.randint(-jitter, jitter))
+                   for cell in rng.sample(range(cells * cells), k)]
+        cx, cy = sum(x for x, _ in corners) / k, sum(y for _, y in corners) / k
+        corners.sort(key=lambda p: math.atan2(p[1] - cy, p[0] - cx))
+        draw.polygon(corners, outline=(0, 0, 0), width=1)
+        colour, r = rng.choice(_COLOURS), max(2, round(c / 5))
+        for x, y in corners:
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+        total = 180 * (k - 2)
+        rows.append({"image": image, "problem": "As shown in the figure, find the sum of the "
+                     "interior angles of the polygon in degrees.",
+                     "solution": f"<answer>{total}°</answer>", "task": "geometry",
+                     "kind": "polygon", "sides": k, "answer": total})
+    return rows
+
+
+def make_embedded_mix(n: int, seed: int = 0, *, geometry_share: float = 0.5) -> list[dict]:
+    """The embedded base's pre-training set (mr1fast/trainer/base.py): grid counting and
+    polygon geometry rows, each row's task drawn with probability `geometry_share` for
+    geometry. Only the columns both tasks share are kept (image, problem, solution, task)."""
+    rows = []
+    for i in range(n):
+        geometry = random.Random(f"embedded-mix:{seed}:{i}").random() < geometry_share
+        row = (make_polygon_angles(1, seed=zlib.crc32(f"{seed}:{i}".encode())) if geometry else
+               GENERATORS["counting-grid"](1, seed=zlib.crc32(f"{seed}:{i}".encode())))[0]
+        rows.append({k: row[k] for k in ("image", "problem", "solution", "task")})
+    return rows
+
+
 def _triangle_angles(rng: random.Random) -> list[int]:
     """[a, b, x], each in [35, 100] degrees (no flat triangles to crowd the labels), sum 180."""
     a = rng.randrange(35, 105, 5)
@@ -471,7 +522,11 @@ GENERATORS = {"counting": make_counting, "geometry": make_geometry,
               # the embedded base's counting (docs/notes/embedded-base.md): 1-5 objects, one per
               # cell of a 4 x 4 grid, "How many objects are there?" only
               "counting-grid": functools.partial(make_counting, layout="grid", max_objects=5,
-                                                 shape_questions=0.0)}
+                                                 shape_questions=0.0),
+              # geometry at embedded scale: a polygon's interior-angle sum (3-5 vertices)
+              "geometry-polygon": make_polygon_angles,
+              # the embedded base's pre-training: both of the above, half and half
+              "embedded-mix": make_embedded_mix}
 
 
 def synthetic_dataset(task: str, split: str, n: int, seed: int, cache_dir: Path) -> Path:
