@@ -97,9 +97,9 @@ HUB_DIMENSIONS = {"Qwen/Qwen2-VL-2B-Instruct": "qwen2-vl-2b",
 def resolve_model(name: str, cfg, log: Callable[[str], None] = print) -> str:
     """A preset name (PRESETS: tiny, tiny-v152k, tiny-base, small, qwen2-vl-2b, qwen2-vl-7b) is
     a random-weight Qwen2-VL built once into the cache (cfg.cache_dir, seed cfg.seed); a
-    pre-trained base's name (base.BASES: embedded-base) is that base, built once into the cache
-    by its recipe (about a minute on 2 cores); anything else is a hub id or a local path,
-    passed through."""
+    pre-trained base's name (base.BASES: embedded-base) is that base: its weights shipped with
+    the package, else built once into the cache by its recipe (a few minutes on 2 cores);
+    anything else is a hub id or a local path, passed through."""
     from .base import BASES, build_base
     if name in BASES:
         return str(build_base(name, cache_path(cfg.cache_dir), log))
