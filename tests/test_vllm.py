@@ -211,6 +211,7 @@ def test_train_cli_with_the_vllm_sampler(tmp_path, cache_dir, capsys):
     after every step, importance weights near 1 (both sides fp32), and no second engine."""
     run = tmp_path / "run"
     code = main(["train", "--output-dir", str(run), f"cache_dir={cache_dir}", "seed=0",
+                 "model.name=tiny",   # the module's engine (the default's base is another model)
                  "sampler=vllm", "grpo.max_steps=3", "grpo.sft_warmup_steps=2",
                  "grpo.prompts_per_step=2", "grpo.num_generations=4",
                  f"grpo.max_completion_length={MAX_COMPLETION}",
