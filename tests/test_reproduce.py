@@ -131,3 +131,31 @@ def test_the_command_reports_a_missing_grid(capsys):
     assert main(["reproduce", "--grid", "no/such/grid.yaml"]) == 2
     err = capsys.readouterr().err
     assert "mr1fast reproduce: error: --grid no/such/grid.yaml: no such file" in err
+
+
+def test_ablations_plan_their_sub_runs_and_tables(tmp_path):
+    """--ablations adds each ablation's values x seeds, with the ablated key set on its
+    method's config (the shipped grid's two sweeps: the format weight and constant beta), and
+    its table holds the mean and std of each value's test accuracy."""
+    grid = rp.load_grid(_grid(tmp_path))
+    plain = rp.sub_runs(grid, beta={})
+    subs = [s for s in rp.sub_runs(grid, beta={}, ablations=True) if s not in plain]
+    assert [(s.method, s.seed) for s in subs] == [
+        ("ablation-format_weight-0", 0), ("ablation-format_weight-0", 1),
+        ("ablation-format_weight-1", 0), ("ablation-format_weight-1", 1)]
+    for s in subs:
+        cfg = rp.base_config(grid, {k: v for k, v in s.overrides.items()})
+        assert cfg.grpo.rewards["format"] == float(s.method.rsplit("-", 1)[1])
+        assert cfg.grpo.rewards["accuracy"] == 1.0 and s.task == "counting"
+    results = {f"{s.method}/{s.task}/seed{s.seed}": {"method": s.method,
+                                                    "test": {"counting": 10.0 * (i + 1)}}
+               for i, s in enumerate(subs)}
+    table = rp.ablation_tables(grid, results)
+    assert "| 0.0 | 15.0 ± 7.1 (n=2) |" in table and "| 1.0 | 35.0 ± 7.1 (n=2) |" in table
+    shipped = rp.load_grid("configs/reproduce/embedded.yaml")
+    assert set(shipped.ablations) == {"format_weight", "constant_beta"}
+    beta_runs = [s for s in rp.sub_runs(shipped, beta={}, ablations=True)
+                 if s.method.startswith("ablation-constant_beta")]
+    assert len(beta_runs) == 6 * len(shipped.seeds)
+    cfg = rp.base_config(shipped, beta_runs[-1].overrides)
+    assert cfg.grpo.beta_schedule == {"kind": "constant", "beta": 0.05}
