@@ -293,10 +293,8 @@ def make_counting(n: int, seed: int = 0, *, image_size: int = 112, min_objects: 
             if cell is None:
                 x, y, r = _free_spot(rng, placed, image_size)
             else:
-                c = image_size / cells
-                jitter = max(1, round(c / 9))
-                x = round((cell % cells + 0.5) * c) + rng.randint(-jitter, jitter)
-                y = round((cell // cells + 0.5) * c) + rng.randint(-jitter, jitter)
+                c, jitter = image_size / cells, _jitter(image_size / cells)
+                x, y = _cell_centre(rng, cell, cells, c)
                 # inside its cell: centre offset + radius < c / 2
                 r = rng.randint(max(2, round(c / 4)), max(2, int(c / 2) - jitter - 1))
             shape = rng.choice(_SHAPES)
@@ -318,6 +316,18 @@ def make_counting(n: int, seed: int = 0, *, image_size: int = 112, min_objects: 
         rows.append({"image": image, "problem": problem, "solution": f"<answer> {count} </answer>",
                      "task": "counting", "count": count, "shapes": shapes})
     return rows
+
+
+def _jitter(cell_px: float) -> int:
+    return max(1, round(cell_px / 9))
+
+
+def _cell_centre(rng: random.Random, cell: int, cells: int, cell_px: float) -> tuple[int, int]:
+    """A point near the centre of grid cell `cell` (row-major in a cells x cells grid of
+    cell_px-pixel cells), jittered by up to _jitter(cell_px) pixels each way."""
+    jitter = _jitter(cell_px)
+    return (round((cell % cells + 0.5) * cell_px) + rng.randint(-jitter, jitter),
+            round((cell // cells + 0.5) * cell_px) + rng.randint(-jitter, jitter))
 
 
 def _free_spot(rng: random.Random, placed: list, size: int) -> tuple[int, int, int]:
@@ -396,9 +406,7 @@ def make_polygon_angles(n: int, seed: int = 0, *, image_size: int = 112, cells: 
         draw = ImageDraw.Draw(image)
         k = rng.randint(min_sides, max_sides)
         c = image_size / cells
-        jitter = max(1, round(c / 9))
-        corners = [(round((cell % cells + 0.5) * c) + rng.randint(-jitter, jitter),
-                    round((cell // cells + 0.5) * c) + rng.randint(-jitter, jitter))
+        corners = [_cell_centre(rng, cell, cells, c)
                    for cell in rng.sample(range(cells * cells), k)]
         cx, cy = sum(x for x, _ in corners) / k, sum(y for _, y in corners) / k
         corners.sort(key=lambda p: math.atan2(p[1] - cy, p[0] - cx))
