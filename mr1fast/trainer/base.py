@@ -22,6 +22,7 @@ given machine and thread count (fixed seeds, CPU).
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -66,9 +67,10 @@ def build_base(name: str, cache: Path, log: Callable[[str], None] = print,
     recipe = {**BASES[name], **changed}
     if use_shipped and not changed and (shipped_folder(name) / "base.json").is_file():
         return shipped_folder(name)
+    # a changed recipe gets a folder of its own, named by a digest of the changes
     final = base_folder(name, cache) if not changed else Path(cache) / (
-        f"{name}-{recipe['version']}-" + "-".join(f"{k}{v}" for k, v in sorted(changed.items())
-                                                  if not isinstance(v, dict)))
+        f"{name}-{recipe['version']}-"
+        + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:12])
     if (final / "base.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
