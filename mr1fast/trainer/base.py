@@ -148,16 +148,22 @@ def _build(recipe: dict, final: Path, cache: Path, log: Callable[[str], None]) -
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m mr1fast.trainer.base [NAME]`: (re)make the shipped copy of a base."""
-    name = (argv if argv is not None else sys.argv[1:] or ["embedded-base"])[0]
+    args = sys.argv[1:] if argv is None else argv
+    name = args[0] if args else "embedded-base"
     if name not in BASES:
         print(f"unknown base {name!r}; the bases: {sorted(BASES)}", file=sys.stderr)
         return 2
     out = shipped_folder(name)
     with tempfile.TemporaryDirectory() as cache:
         built = build_base(name, Path(cache), use_shipped=False)
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(built, out)
+        staged = out.with_name(f".{out.name}.new")
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(built, staged)
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():                 # the old copy stays whole until the new one is in place
+            os.replace(out, old)
+        os.replace(staged, out)
+        shutil.rmtree(old, ignore_errors=True)
     print(f"wrote {out}")
     return 0
 

@@ -90,7 +90,7 @@ class GRPOConfig:
     loss: dict = field(default_factory=dict)
     rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})
     reward_timeout_s: float = 10.0
-    sft_warmup_steps: int = 0         # a short SFT before GRPO (the embedded default's format warm-up)
+    sft_warmup_steps: int = 0         # a short SFT before GRPO (e.g. a format warm-up)
     max_bad_steps: int = 5            # consecutive NaN/inf steps that stop the run
 
 
@@ -235,7 +235,7 @@ def embedded_default() -> Config:
                            "geometry": "synthetic:geometry-polygon"}, "limit": 256,
                  "synthetic_size": 256, "max_new_tokens": 32, "batch_size": 32},
         "log": {"save_every": 20},
-        # transformers' generate: on CPU with this 0.6 M-parameter model, vLLM's per-step engine
+        # transformers' generate: on CPU with this 1.1 M-parameter model, vLLM's per-step engine
         # overhead makes its rollouts slower (bench/results/*/rollout-*.json).
         "sampler": "hf",
         "output_dir": "runs/tiny-counting-grpo-d",
