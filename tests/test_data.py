@@ -123,6 +123,9 @@ def test_missing_split_of_a_dataset_dict(sources):
 
 def test_limit_stops_after_that_many_valid_examples(sources):
     assert_matches(load_examples(sources["hub"], limit=2).examples, ROWS[:2])
+    assert_matches(load_examples(sources["hub"], rows=(1, 3)).examples, ROWS[1:3])
+    assert [e.index for e in load_examples(sources["hub"], rows=(1, None), limit=1)
+            .examples] == [1]
     with pytest.raises(ValueError, match="limit"):
         load_examples(sources["hub"], limit=0)
 
@@ -164,6 +167,19 @@ def test_bad_rows_are_skipped_counted_and_warned_once_per_reason(bad_jsonl):
     assert result.skipped == {**{reason: 1 for reason in BAD_LINES}, "bad_image": 2}
     assert sorted(warned) == sorted(f"skipped {n} rows of {bad_jsonl}: {reason}"
                                     for reason, n in result.skipped.items())
+
+
+def test_rows_hold_out_the_first_rows_bad_ones_included(bad_jsonl):
+    """A validation hold-out (rows 0..k) and the training rows (k..) never share a row, even
+    where the hold-out's rows are bad: they are counted by position, not by validity."""
+    held = load_examples(bad_jsonl, rows=(0, 5), warn=lambda m: None)
+    rest = load_examples(bad_jsonl, rows=(5, None), warn=lambda m: None)
+    assert [e.index for e in held.examples] == [0]
+    assert [e.index for e in rest.examples] == [7, 9]     # 7: long, valid without a limit
+    with pytest.raises(ValueError, match=r"no valid examples in rows 1\.\.5"):
+        load_examples(bad_jsonl, rows=(1, 5), warn=lambda m: None)
+    with pytest.raises(ValueError, match="rows"):
+        load_examples(bad_jsonl, rows=(3, 3))
 
 
 def test_default_warning_and_length_check_needs_both_arguments(bad_jsonl):

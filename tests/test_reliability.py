@@ -101,7 +101,8 @@ def _jsonl(path, rows):
 
 @pytest.mark.parametrize("case", ["missing model folder", "folder without config.json",
                                   "wrong dataset schema", "empty dataset",
-                                  "fewer rows than a step", "missing data file",
+                                  "fewer rows than a step", "rows held out",
+                                  "missing data file",
                                   "missing reward module", "reward signature",
                                   "missing eval set", "output path is a file",
                                   "unavailable device"])
@@ -117,6 +118,9 @@ def test_runtime_failures_exit_1_early_with_what_to_do(tmp_path, cache_dir, caps
         "fewer rows than a step": (["grpo.prompts_per_step=32", "data.synthetic_size=8"],
                                    "8 usable rows, fewer than the 32 that one step takes "
                                    "(grpo.prompts_per_step)"),
+        "rows held out": (["grpo.prompts_per_step=8", "data.synthetic_size=10",
+                           "data.holdout=4"],   # a validation hold-out is never trained on
+                          "6 usable rows, fewer than the 8 that one step takes"),
         "missing data file": ([f"data.train={tmp_path / 'missing.jsonl'}"], "does not exist"),
         "missing reward module": (["grpo.rewards.nope_module_x:fn=1.0",
                                    "grpo.sft_warmup_steps=50"],

@@ -35,6 +35,16 @@ GRID = {
 }
 
 
+def _files(tmp_path):
+    """Geometry as the paper's tasks come: a training file (its first rows held out as the
+    validation split) and a separate test file."""
+    from mr1fast.trainer.data import GENERATORS, write_examples
+    train = write_examples(GENERATORS["geometry"](24, 11), tmp_path / "geo-train" / "t.jsonl")
+    test = write_examples(GENERATORS["geometry"](8, 12), tmp_path / "geo-test" / "t.jsonl")
+    return {"train": str(train), "validation": {"holdout": 3},
+            "test": {"source": str(test), "items": 5}}
+
+
 def _grid(tmp_path, cache_dir=None, **changes):
     grid = {**GRID, **changes}
     if cache_dir is not None:   # the pre-placed tiny model (seed 0) and a shared data cache
@@ -45,7 +55,8 @@ def _grid(tmp_path, cache_dir=None, **changes):
 
 
 def test_grid_runs_resumes_and_reports(tmp_path, cache_dir):
-    grid = _grid(tmp_path, cache_dir)
+    grid = _grid(tmp_path, cache_dir, tasks={"counting": "synthetic:counting",
+                                             "geometry": _files(tmp_path)})
     out = tmp_path / "out"
     seen = []
 
@@ -99,6 +110,16 @@ def test_grid_runs_resumes_and_reports(tmp_path, cache_dir):
     cfg = yaml.safe_load((out / "runs" / "sft" / "counting" / "seed0" / "config.yaml").read_text())
     assert cfg["model"]["name"] == str(out / "base" / "train" / "checkpoints" / "final")
     assert cfg["sft"]["max_steps"] == 1 and cfg["seed"] == 0
+    # geometry trains on its file without the held-out rows, validates on them, tests on the
+    # other file (its own item count)
+    cfg = yaml.safe_load((out / "runs" / "sft" / "geometry" / "seed0" / "config.yaml")
+                         .read_text())
+    assert cfg["data"]["train"].endswith("geo-train/t.jsonl") and cfg["data"]["holdout"] == 3
+    evals = {p.parent.name: json.loads(p.read_text())["model"]
+             for p in (out / "base").glob("eval-*/eval.json")}
+    assert {(k, t, r["n"]) for k, m in evals.items() for t, r in m.items()} == {
+        ("eval-validation", "counting", 3), ("eval-validation-1", "geometry", 3),
+        ("eval-test", "counting", 4), ("eval-test-1", "geometry", 5)}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -112,8 +133,20 @@ def test_grid_runs_resumes_and_reports(tmp_path, cache_dir):
                           "values": [1]}}}, "ablations.a"),
     ({"overrides": {"grpo": {"lrr": 1}}}, "grpo.lrr"),
     ({"colour": 1}, "unknown key"),
+    ({"examples": {"counting": 4}}, "examples"),
+    ({"methods": {"x": {"recipe": "sft", "examples": -1}}}, "methods.x.examples"),
+    ({"tasks": {"counting": {"train": "a.jsonl"}}}, "tasks.counting"),
+    ({"tasks": {"counting": {"train": "a.jsonl", "test": {"source": "b.jsonl", "colour": 1}}}},
+     "tasks.counting.test"),
+    ({"tasks": {"counting": {"train": "a.jsonl", "test": "b.jsonl",
+                             "validation": {"holdout": 0}}}}, "tasks.counting.validation.holdout"),
+    ({"tasks": {"counting": {"train": {"source": "a.jsonl", "limit": "all"}, "test": "b"}}},
+     "tasks.counting.train.limit"),
+    ({"tasks": {"counting": 3}}, "tasks.counting"),
 ])
 def test_bad_grids_name_the_key(tmp_path, change, message):
+    if "tasks" in change:   # one bad task beside the grid's good ones
+        change = {"tasks": {**GRID["tasks"], **change["tasks"]}}
     with pytest.raises(UsageError, match=message):
         rp.load_grid(_grid(tmp_path, **change))
 
@@ -124,6 +157,33 @@ def test_shipped_grid_loads():
     grid = rp.load_grid("configs/reproduce/embedded.yaml")
     assert len(rp.sub_runs(grid, beta={})) == 18
     assert len(rp.sub_runs(grid, beta={"grpo": {"counting": 0.0, "geometry": 0.01}})) == 22
+
+
+def test_the_paper_scale_grid_plans_the_real_recipes():
+    """configs/reproduce/qwen2vl-2b.yaml (not run here: GPU work, hub data): each task trains
+    on its own training set less a held-out validation slice and is tested on its own test
+    set; GRPO runs R1-V's 2 epochs, SFT its 1 epoch; every sub-run's config validates."""
+    grid = rp.load_grid("configs/reproduce/qwen2vl-2b.yaml")
+    plan = rp.sub_runs(grid, beta={})
+    assert len(plan) == 2 * 3 + 2 * 6 + 2 * 3       # GRPO-D, 6 betas on seed 0, SFT
+    assert len(rp.sub_runs(grid, beta={"grpo": {"counting": 0.04, "geometry": 0.01}})) == 28
+    subs = {s.id: s for s in plan}
+    counting = rp.base_config(grid, subs["grpo-d/counting/seed1"].overrides)
+    assert (counting.data.train, counting.data.split, counting.data.limit,
+            counting.data.holdout) == ("leonardPKU/clevr_cogen_a_train", "train", 100, 200)
+    assert counting.grpo.max_steps == 13 and counting.seed == 1          # 200 prompts / 16
+    assert counting.grpo.beta_schedule["beta_max"] == 0.1
+    assert counting.model.name == "Qwen/Qwen2-VL-2B-Instruct"
+    geometry = rp.base_config(grid, subs["sft/geometry/seed0"].overrides)
+    assert (geometry.data.train, geometry.data.limit, geometry.data.holdout,
+            geometry.sft.max_steps) == ("leonardPKU/GEOQA_R1V_Train_8K", 0, 256, 486)
+    assert rp.eval_overrides(grid, "counting", "validation") == {
+        "eval.tasks": {"counting": "leonardPKU/clevr_cogen_a_train"}, "eval.split": "train",
+        "eval.rows": 200}
+    assert rp.eval_overrides(grid, "geometry", "test") == {
+        "eval.tasks": {"geometry": "data/geoqa_test.jsonl"}, "eval.split": "test",
+        "eval.rows": 0}
+    assert grid.tasks["geometry"].test.items == 754 and grid.tasks["counting"].test.items == 200
 
 
 def test_the_command_reports_a_missing_grid(capsys):

@@ -50,6 +50,9 @@ class DataConfig:
     train: str = "leonardPKU/clevr_cogen_a_train"  # JSONL, parquet, dataset folder, hub id,
     split: str = "train"                           # or synthetic:counting / synthetic:geometry
     limit: int = 0                                 # 0: all rows (the paper's 2B VC run: 100)
+    holdout: int = 0                               # the first rows of data.train left out of
+                                                   # training: a validation split for sources
+                                                   # without one (eval.rows reads them)
     synthetic_size: int = 256                      # rows generated for synthetic:* train sets
     max_prompt_length: int = 512
     strict: bool = False                           # a bad row is an error instead of skipped
@@ -115,6 +118,8 @@ class EvalConfig:
                                                  "geometry": "data/geoqa_test.jsonl"})
     split: str = "test"
     limit: int = 200
+    rows: int = 0                     # > 0: only the first `rows` rows of each source (a
+                                      # data.holdout validation split); 0: all
     synthetic_size: int = 64
     max_new_tokens: int = 256
     batch_size: int = 16
@@ -201,6 +206,7 @@ POSITIVE = ("grpo.num_generations", "grpo.prompts_per_step", "grpo.updates_per_b
 NON_NEGATIVE = ("grpo.lr", "sft.lr", "grpo.epochs",
                 "sft.epochs", "grpo.max_steps", "sft.max_steps", "grpo.micro_batch_size",
                 "sft.micro_batch_size", "data.limit", "eval.limit", "grpo.sft_warmup_steps",
+                "data.holdout", "eval.rows",
                 "grpo.weight_decay", "sft.weight_decay", "grpo.max_grad_norm",
                 "sft.max_grad_norm", "log.eval_every",
                 "vllm.max_num_seqs", "grpo.max_tokens_per_micro_batch",

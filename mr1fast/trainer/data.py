@@ -83,7 +83,8 @@ class _BadRow(Exception):
 
 
 def load_examples(source: str | Path, *, split: str = "train", limit: int | None = None,
-                  strict: bool = False, max_prompt_length: int | None = None,
+                  rows: tuple[int, int | None] = (0, None), strict: bool = False,
+                  max_prompt_length: int | None = None,
                   prompt_length: Callable[[Example], int] | None = None,
                   warn: Callable[[str], None] | None = None) -> LoadResult:
     """Read and validate the rows of `source` (see the module docstring for the kinds).
@@ -92,14 +93,24 @@ def load_examples(source: str | Path, *, split: str = "train", limit: int | None
     prompt_length(example) > max_prompt_length) are skipped and counted by reason, with one
     warning per reason at the end; with strict=True the first one raises ValueError instead.
     `split` picks the split of folders and hub datasets; single files ignore it. `limit` stops
-    after that many valid examples. Raises ValueError when no valid example remains.
+    after that many valid examples. `rows` = (start, stop) reads only the source's rows with
+    start <= index < stop (stop None: to the end), bad ones included in the count, so a hold-out
+    of the first rows (a validation split) and the rest never share a row. Raises ValueError
+    when no valid example remains.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit: expected a positive int or None, got {limit!r}")
+    start, stop = rows
+    if start < 0 or (stop is not None and stop <= start):
+        raise ValueError(f"rows: expected 0 <= start < stop, got {rows!r}")
     name = str(source)
     warn = warn or (lambda message: warnings.warn(message, stacklevel=3))  # at our caller
     result = LoadResult(examples=[], skipped={}, source=name)
     for index, (raw, base) in enumerate(_raw_rows(name, split)):
+        if index < start:
+            continue
+        if stop is not None and index >= stop:
+            break
         try:
             if isinstance(raw, _BadRow):
                 raise raw
@@ -119,7 +130,8 @@ def load_examples(source: str | Path, *, split: str = "train", limit: int | None
     for reason, count in result.skipped.items():
         warn(f"skipped {count} rows of {name}: {reason}")
     if not result.examples:
-        raise ValueError(f"source {name}: no valid examples (skipped rows by reason: "
+        where = "" if rows == (0, None) else f" in rows {start}..{'' if stop is None else stop}"
+        raise ValueError(f"source {name}: no valid examples{where} (skipped rows by reason: "
                          f"{result.skipped or 'none, the source is empty'}); a row needs R1-V's "
                          "columns image (or images), problem and solution")
     return result
@@ -564,15 +576,17 @@ def cache_path(cache_dir: str) -> Path:
 
 def load_task(source: str, cfg, encoder, *, key: str, split: str, n: int, limit: int,
               max_prompt_length: int | None, strict: bool,
-              warn: Callable[[str], None] = print) -> list[Example]:
+              warn: Callable[[str], None] = print,
+              rows: tuple[int, int | None] = (0, None)) -> list[Example]:
     """Examples of one data source (synthetic:* names generate and cache `n` rows), with rows
     whose prompt exceeds max_prompt_length tokens (image tokens included, counted by
-    `encoder.prompt_length`) skipped. `cfg` gives the cache folder and the seed. A source that
+    `encoder.prompt_length`) skipped; `rows` as in load_examples. `cfg` gives the cache folder
+    and the seed. A source that
     cannot be used raises a UserError naming the config `key` it came from."""
     try:
         path = resolve_source(source, split=split, cache_dir=cache_path(cfg.cache_dir) / "data",
                               n=n, seed=cfg.seed)
-        result = load_examples(path, split=split, limit=limit or None, strict=strict,
+        result = load_examples(path, split=split, limit=limit or None, rows=rows, strict=strict,
                                max_prompt_length=max_prompt_length,
                                prompt_length=lambda e: encoder.prompt_length(
                                    e.images, question(e.problem)),

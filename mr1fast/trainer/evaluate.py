@@ -120,7 +120,7 @@ def evaluate_tasks(cfg: Config, model, encoder: PromptEncoder, world: World = Wo
             examples = load_task(source, cfg, encoder, key=f"eval.tasks.{task}", split=e.split,
                                  n=e.synthetic_size,
                                  limit=e.limit, max_prompt_length=None, strict=cfg.data.strict,
-                                 warn=lambda m: log(m, world))
+                                 warn=lambda m: log(m, world), rows=(0, e.rows or None))
             out[task] = evaluate(model, encoder, examples, score, world=world,
                                  max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                                  samples=e.samples, temperature=e.temperature, seed=cfg.seed)

@@ -7,7 +7,10 @@ Constant beta is tuned as the paper did, on a small grid: each candidate trains 
 seed, the one with the best mean same-task *validation* accuracy is kept and run on the other
 seeds. The table reports the *test* split only; nothing is chosen on it.
 
-The grid is a YAML file (configs/reproduce/*.yaml, keys in GRID_KEYS). Output folder:
+The grid is a YAML file (configs/reproduce/*.yaml, keys in GRID_KEYS). A task is one source with
+train, validation and test splits (the synthetic ones), or separate sources per role, as the
+paper's tasks have (see parse_task): then validation, unless named, is a hold-out of the training
+source's first rows, which the training runs skip. Output folder:
   base/                       the base model's validation and test evaluation
   runs/<method>/<task>/seed<k>/  one sub-run: the trainer's own run folder (checkpoints,
                               metrics.jsonl, eval.json with its validation curve) and
@@ -47,6 +50,74 @@ class Method:
     overrides: dict = field(default_factory=dict)
     task_overrides: dict = field(default_factory=dict)   # task -> overrides on that task
     tune_beta: list = field(default_factory=list)   # constant-beta candidates (GRPO)
+    examples: dict = field(default_factory=dict)    # task -> examples; {}: the grid's
+
+
+ROLES = ("train", "validation", "test")
+
+
+@dataclass
+class Source:
+    source: str                             # a data source (synthetic:<task>, a path, a hub id)
+    split: str
+    items: int = 0                          # train: rows trained on (data.limit; 0: all);
+                                            # eval: items (0: the grid's eval.<role>)
+    rows: int = 0                           # eval: only the source's first rows (a hold-out)
+
+
+@dataclass
+class Task:
+    train: Source
+    validation: Source
+    test: Source
+    holdout: int = 0                        # the training source's first rows, left out of
+                                            # training (the validation split when not named)
+
+
+def parse_task(where: str, spec, validation_items: int) -> Task:
+    """A grid's task: a source with train/validation/test splits ("synthetic:counting-grid"),
+    or a mapping of roles, each a source or {source, split, items} (train: {source, split,
+    limit}):
+        train: leonardPKU/clevr_cogen_a_train       # split train
+        test: {source: leonardPKU/superclevr, items: 200}   # split test
+        validation: {holdout: 200}      # the default: the first eval.validation rows of train
+    Errors name the key."""
+    if isinstance(spec, str) and spec:
+        return Task(*(Source(spec, role) for role in ROLES))
+    if not isinstance(spec, dict):
+        raise UsageError(f"{where}: expected a data source or a mapping of {', '.join(ROLES)}, "
+                         f"got {spec!r}")
+    unknown = sorted(set(spec) - set(ROLES))
+    if unknown or "train" not in spec or "test" not in spec:
+        raise UsageError(f"{where}: expected train and test (each a source or {{source, split}})"
+                         f" and optionally validation, got keys {sorted(spec)}")
+
+    def source(role: str, value, count: str) -> Source:
+        key = f"{where}.{role}"
+        if isinstance(value, str) and value:
+            return Source(value, role)
+        if not (isinstance(value, dict) and isinstance(value.get("source"), str)
+                and set(value) <= {"source", "split", count}):
+            raise UsageError(f"{key}: expected a source or {{source, split, {count}}}, got "
+                             f"{value!r}")
+        n = value.get(count, 0)
+        if not (isinstance(n, int) and n >= 0):
+            raise UsageError(f"{key}.{count}: expected a number of rows >= 0, got {n!r}")
+        split = value.get("split", role)
+        if not (isinstance(split, str) and split):
+            raise UsageError(f"{key}.split: expected a split name, got {split!r}")
+        return Source(value["source"], split, n)
+
+    train = source("train", spec["train"], "limit")
+    test = source("test", spec["test"], "items")
+    val = spec.get("validation", "holdout")
+    if val == "holdout" or (isinstance(val, dict) and set(val) == {"holdout"}):
+        n = validation_items if val == "holdout" else val["holdout"]
+        if not (isinstance(n, int) and n > 0):
+            raise UsageError(f"{where}.validation.holdout: expected the number of rows held "
+                             f"out of {train.source}, got {n!r}")
+        return Task(train, Source(train.source, train.split, n, rows=n), test, holdout=n)
+    return Task(train, source("validation", val, "items"), test)
 
 
 @dataclass
@@ -54,8 +125,8 @@ class Grid:
     recipe: str                             # a config file, or "embedded"
     overrides: dict
     seeds: list
-    examples: int
-    tasks: dict                             # task -> source (synthetic:counting, a path, ...)
+    examples: dict                          # task -> examples per run (GRPO prompts, SFT rows)
+    tasks: dict                             # task -> Task (its train/validation/test sources)
     methods: dict                           # name -> Method
     eval: dict                              # validation, test (items), data_seed, ...
     paper: dict = field(default_factory=dict)      # method -> {"A" or "A->B": accuracy}
@@ -95,11 +166,9 @@ def load_grid(path: str) -> Grid:
     seeds = raw["seeds"]
     if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
         raise UsageError(f"{path}: seeds: expected a non-empty list of integers, got {seeds!r}")
-    if not (isinstance(raw["examples"], int) and raw["examples"] > 0):
-        raise UsageError(f"{path}: examples: expected a positive integer, got "
-                         f"{raw['examples']!r}")
     if not (isinstance(raw["tasks"], dict) and raw["tasks"]):
         raise UsageError(f"{path}: tasks: expected a mapping task -> data source")
+    examples = _examples(f"{path}: examples", raw["examples"], raw["tasks"])
     methods = {}
     for name, m in (raw["methods"] or {}).items():
         m = dict(m or {})
@@ -107,12 +176,14 @@ def load_grid(path: str) -> Grid:
         if kind not in METHOD_KINDS:
             raise UsageError(f"{path}: methods.{name}.recipe: expected one of {METHOD_KINDS}, "
                              f"got {kind!r}")
+        own_examples = _examples(f"{path}: methods.{name}.examples", m.pop("examples"),
+                                 raw["tasks"]) if "examples" in m else {}
         tune = m.pop("tune_beta", [])
         overrides = m.pop("overrides", {}) or {}
         per_task = m.pop("task_overrides", {}) or {}
         if m:
             raise UsageError(f"{path}: methods.{name}: unknown key(s) {sorted(m)}; expected "
-                             "recipe, overrides, task_overrides, tune_beta")
+                             "recipe, overrides, task_overrides, tune_beta, examples")
         if set(per_task) - set(raw["tasks"]):
             raise UsageError(f"{path}: methods.{name}.task_overrides: unknown task(s) "
                              f"{sorted(set(per_task) - set(raw['tasks']))}")
@@ -120,7 +191,7 @@ def load_grid(path: str) -> Grid:
                                                for b in tune)):
             raise UsageError(f"{path}: methods.{name}.tune_beta: expected betas >= 0 of a grpo "
                              f"method, got {tune!r}")
-        methods[name] = Method(name, kind, overrides, per_task, list(tune))
+        methods[name] = Method(name, kind, overrides, per_task, list(tune), own_examples)
     if not methods:
         raise UsageError(f"{path}: methods: expected at least one method")
     for name, a in (raw.get("ablations") or {}).items():
@@ -135,8 +206,10 @@ def load_grid(path: str) -> Grid:
         if not (isinstance(ev.get(k), int) and ev[k] > 0):
             raise UsageError(f"{path}: eval.{k}: expected the number of items, got "
                              f"{ev.get(k)!r}")
+    tasks = {t: parse_task(f"{path}: tasks.{t}", spec, ev["validation"])
+             for t, spec in raw["tasks"].items()}
     grid = Grid(recipe=raw.get("recipe", "embedded"), overrides=raw.get("overrides") or {},
-                seeds=seeds, examples=raw["examples"], tasks=dict(raw["tasks"]),
+                seeds=seeds, examples=examples, tasks=tasks,
                 methods=methods, eval=ev, paper=raw.get("paper") or {},
                 ablations=raw.get("ablations") or {},
                 output_dir=raw.get("output_dir", "runs/reproduce"), base=raw.get("base") or {})
@@ -145,6 +218,16 @@ def load_grid(path: str) -> Grid:
                          "{sft: {overrides}} (an SFT run that makes the shared base)")
     base_config(grid)  # every override must apply
     return grid
+
+
+def _examples(where: str, value, tasks: dict) -> dict:
+    """{task: examples per run} from one positive integer or a mapping with one per task."""
+    out = value if isinstance(value, dict) else {t: value for t in tasks}
+    if set(out) != set(tasks) or not all(isinstance(n, int) and not isinstance(n, bool)
+                                         and n > 0 for n in out.values()):
+        raise UsageError(f"{where}: expected a positive integer, or one per task "
+                         f"({sorted(tasks)}), got {value!r}")
+    return dict(out)
 
 
 def _flatten(d: dict) -> dict:
@@ -206,9 +289,19 @@ def _sub(grid: Grid, method: str, task: str, seed: int, m: Method, extra: dict) 
            **_flatten(extra)}
     cfg = base_config(grid, own)
     batch = cfg.grpo.prompts_per_step if m.kind == "grpo" else cfg.sft.batch_size
-    steps = max(1, math.ceil(grid.examples / batch))
-    return SubRun(method, task, seed, m.kind, {**own, "seed": seed, "data.train": grid.tasks[task],
-                                               f"{m.kind}.max_steps": steps})
+    steps = max(1, math.ceil((m.examples or grid.examples)[task] / batch))
+    train = grid.tasks[task].train
+    return SubRun(method, task, seed, m.kind, {
+        **own, "seed": seed, "data.train": train.source, "data.split": train.split,
+        "data.limit": train.items, "data.holdout": grid.tasks[task].holdout,
+        f"{m.kind}.max_steps": steps})
+
+
+def eval_overrides(grid: Grid, task: str, role: str) -> dict:
+    """Config keys that evaluate `task`'s validation or test items alone (run_sub's own curve
+    takes its item count from the recipe; the table's evaluation sets it, see _evaluate)."""
+    src = getattr(grid.tasks[task], role)
+    return {"eval.tasks": {task: src.source}, "eval.split": src.split, "eval.rows": src.rows}
 
 
 def _write_json(path: Path, obj) -> None:
@@ -222,18 +315,25 @@ def _evaluate(grid: Grid, model: str, out_dir: Path) -> dict:
     ev = grid.eval
     out = {}
     for split in ("validation", "test"):
-        n = ev[split]
-        cfg = base_config(grid, {"seed": ev.get("data_seed", 1234), "output_dir": str(
-            out_dir / f"eval-{split}"), "eval.tasks": dict(grid.tasks), "eval.split": split,
-            "eval.limit": n, "eval.synthetic_size": n, "eval.models": {"model": model},
-            **{f"eval.{k}": v for k, v in ev.items()
-               if k in ("max_new_tokens", "batch_size", "samples", "temperature")}})
-        matrix = run_eval(cfg)
-        out[split] = {task: r["accuracy"] for task, r in matrix["model"].items()}
-        for task, r in matrix["model"].items():
-            for k in r:
-                if k.startswith("pass@"):
-                    out.setdefault(f"{split}_{k}", {})[task] = r[k]
+        # Tasks whose items come the same way share one evaluation (one model load).
+        groups: dict = {}
+        for task, t in grid.tasks.items():
+            src = getattr(t, split)
+            groups.setdefault((src.split, src.items or ev[split], src.rows), {})[task] = \
+                src.source
+        for i, ((name, n, rows), tasks) in enumerate(groups.items()):
+            folder = f"eval-{split}" if i == 0 else f"eval-{split}-{i}"
+            cfg = base_config(grid, {
+                "seed": ev.get("data_seed", 1234), "output_dir": str(out_dir / folder),
+                "eval.tasks": tasks, "eval.split": name, "eval.rows": rows, "eval.limit": n,
+                "eval.synthetic_size": n, "eval.models": {"model": model},
+                **{f"eval.{k}": v for k, v in ev.items()
+                   if k in ("max_new_tokens", "batch_size", "samples", "temperature")}})
+            for task, r in run_eval(cfg)["model"].items():
+                out.setdefault(split, {})[task] = r["accuracy"]
+                for k in r:
+                    if k.startswith("pass@"):
+                        out.setdefault(f"{split}_{k}", {})[task] = r[k]
     return out
 
 
@@ -260,8 +360,7 @@ def run_sub(grid: Grid, sub: SubRun, root: Path) -> dict:
         return json.loads(done.read_text())
     t0 = time.perf_counter()
     cfg = base_config(grid, {**sub.overrides, "output_dir": str(run_dir),
-                             "eval.tasks": {sub.task: grid.tasks[sub.task]},
-                             "eval.split": "validation"})
+                             **eval_overrides(grid, sub.task, "validation")})
     (train_grpo if sub.kind == "grpo" else run_sft)(cfg)
     final = run_dir / "checkpoints" / "final"     # SFT; GRPO: its last step checkpoint
     model = final if final.is_dir() else latest_checkpoint(run_dir)

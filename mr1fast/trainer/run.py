@@ -113,7 +113,7 @@ def setup(cfg: Config, world: World, device: torch.device, *, per_step: dict,
             encoder = load_encoder(model_path)
             train_set = load_task(cfg.data.train, cfg, encoder, key="data.train",
                                   split=cfg.data.split, n=cfg.data.synthetic_size,
-                                  limit=cfg.data.limit,
+                                  limit=cfg.data.limit, rows=(cfg.data.holdout, None),
                                   max_prompt_length=cfg.data.max_prompt_length,
                                   strict=cfg.data.strict,
                                   warn=(lambda m: log(m)) if world.is_main else (lambda m: None))
@@ -161,7 +161,7 @@ def check_eval_tasks(cfg: Config, encoder) -> None:
     for task, source in e.tasks.items():
         load_task(source, cfg, encoder, key=f"eval.tasks.{task}", split=e.split,
                   n=e.synthetic_size, limit=1, max_prompt_length=None, strict=cfg.data.strict,
-                  warn=lambda message: None)
+                  warn=lambda message: None, rows=(0, e.rows or None))
 
 
 def total_steps(n_examples: int, per_step: int, epochs: float, max_steps: int) -> int:
