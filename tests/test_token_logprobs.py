@@ -96,6 +96,42 @@ def test_torch_impl_chunk_boundaries(monkeypatch):
         assert_close(k, got[2][k], want[2][k], 1e-6, 1e-5)
 
 
+def test_torch_impl_chunk_buffer_is_reused_and_never_shared():
+    """The CPU chunk buffer (chunked._workspace) is kept between calls and grown when a call
+    needs more; a nested call and another thread get their own, so no two chunks overlap."""
+    import threading
+    from mr1fast.loss import chunked
+    chunked.release_workspace()
+    with chunked._workspace(10, 64, 4, torch.float32, torch.device("cpu")) as a:
+        assert a.shape == (4, 64)
+        with chunked._workspace(3, 64, 4, torch.float32, torch.device("cpu")) as nested:
+            assert nested.shape == (3, 64) and nested.data_ptr() != a.data_ptr()
+        seen = {}
+        t = threading.Thread(target=lambda: seen.update(ptr=_buffer_ptr(chunked)))
+        t.start()
+        t.join()
+        assert seen["ptr"] != a.data_ptr()
+    with chunked._workspace(2, 64, 4, torch.float32, torch.device("cpu")) as b:
+        assert b.shape == (2, 64) and b.data_ptr() == a.data_ptr()     # kept, a smaller view
+    with chunked._workspace(10, 128, 4, torch.float32, torch.device("cpu")) as c:
+        assert c.shape == (4, 128)                                      # grown
+    with chunked._workspace(10, 128, 4, torch.float64, torch.device("cpu")) as d:
+        assert d.dtype == torch.float64
+    # results do not depend on what an earlier call left in the buffer
+    inputs = make_inputs((5, 7), 32, 301, True)
+    want = run("torch", *inputs, torch.float32, 1.0)
+    with chunked._workspace(100, 301, 100, torch.float32, torch.device("cpu")) as junk:
+        junk.fill_(float("nan"))
+    got = run("torch", *inputs, torch.float32, 1.0)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    chunked.release_workspace()
+
+
+def _buffer_ptr(chunked):
+    with chunked._workspace(10, 64, 4, torch.float32, torch.device("cpu")) as ws:
+        return ws.data_ptr()
+
+
 def test_triton_scratch_chunks_and_splits(monkeypatch):
     """A tiny dlogits scratch (many token and vocabulary chunks) and 3 vocabulary splits give
     the same result as the defaults."""

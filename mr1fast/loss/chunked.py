@@ -28,6 +28,9 @@ _rows(V, d)), the fp32 dH and dW buffers (which become the gradients) and O(N) v
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
 from mr1fast.kernels.cpu_rows import exp_rows
@@ -61,16 +64,55 @@ class _Head:
         # of h and the bias, never the [R, V] logits.
         self.bias = None if bias is None else bias.to(dt) / temperature
 
-    def logits(self, h):
-        """z [R, V] for a chunk of rows h [R, d] (accumulation dtype)."""
+    def logits(self, h, out=None):
+        """z [R, V] for a chunk of rows h [R, d] (accumulation dtype), written into `out` (a
+        CPU buffer of at least R rows, see _Workspace) when given."""
         if self.temperature != 1.0:
             h = h * (1.0 / self.temperature)
+        if out is not None:
+            out = out[:h.shape[0]]
+            if self.bias is not None:
+                return torch.addmm(self.bias, h, self.w.t(), out=out)
+            return torch.mm(h, self.w.t(), out=out)
         if self.bias is not None and not h.is_cuda:
             return torch.addmm(self.bias, h, self.w.t())   # the bias in the GEMM's epilogue
         z = matmul_acc(h, self.w.t())
         if self.bias is not None:
             z += self.bias
         return z
+
+
+_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def _workspace(n, V, rows, dtype, device):
+    """The [R, V] buffer that every chunk's logits reuse, on the CPU (None elsewhere: CUDA's
+    caching allocator reuses the chunks' memory already). A fresh 8-64 MiB tensor costs page
+    faults on the CPU, since glibc hands large freed blocks back to the OS: 6-12 thousand per
+    call at N = 1024, V = 16384 with a tensor per chunk (measured; about 1-2 ms per 8 MiB). So
+    one buffer per thread is kept between calls (at most ROW_CAP elements: 64 MiB in fp32;
+    release_workspace() frees it); a nested call gets its own."""
+    if device.type != "cpu":
+        yield None
+        return
+    r = min(rows, n)
+    buf = getattr(_LOCAL, "buf", None)
+    if getattr(_LOCAL, "busy", False):
+        buf = torch.empty(r * V, dtype=dtype)
+    elif buf is None or buf.dtype != dtype or buf.numel() < r * V:
+        buf = _LOCAL.buf = None   # the old one first: never two at once
+        buf = _LOCAL.buf = torch.empty(r * V, dtype=dtype)
+    busy, _LOCAL.busy = getattr(_LOCAL, "busy", False), True
+    try:
+        yield buf[:r * V].view(r, V)
+    finally:
+        _LOCAL.busy = busy
+
+
+def release_workspace() -> None:
+    """Frees this thread's chunk buffer of the torch implementation (_workspace)."""
+    _LOCAL.buf = None
 
 
 class _Chunk:
@@ -81,8 +123,8 @@ class _Chunk:
     for the max and one for exp and the sums on the CPU, torch's ops elsewhere); the
     normalisation by s is folded into the GEMMs' row scales."""
 
-    def __init__(self, head, h, y, want_entropy, keep_logits=False):
-        z = head.logits(h)
+    def __init__(self, head, h, y, want_entropy, keep_logits=False, out=None):
+        z = head.logits(h, out)
         logit_y = z.gather(1, y[:, None]).squeeze(1)
         self.e, self.m, s, dot = exp_rows(z, keep_logits, want_entropy)
         self.s, self.inv_s, self.log_s = s, 1.0 / s, torch.log(s)
@@ -236,44 +278,45 @@ class ChunkedGRPOLoss(torch.autograd.Function):
         logp = torch.empty(n, dtype=dt, device=hidden.device)
         ent = torch.empty(n, dtype=dt, device=hidden.device) if want_entropy else None
         grads = _Grads(hidden, weight, bias, need) if grad else None
-        one_pass = grad and options.token_separable
-        fast = fast if one_pass else None
-        need_ent_grad = options.needs_entropy_grad
-        losses, parts = [], []
-        for n0 in range(0, n, rows):
-            n1 = min(n0 + rows, n)
-            h, y = h_all[n0:n1], targets[n0:n1]
-            c = _Chunk(head, h, y, want_entropy, keep_logits=one_pass and need_ent_grad)
-            logp[n0:n1] = c.logp
-            if want_entropy:
-                ent[n0:n1] = c.entropy
+        with _workspace(n, V, rows, dt, hidden.device) as ws:
+            one_pass = grad and options.token_separable
+            fast = fast if one_pass else None
+            need_ent_grad = options.needs_entropy_grad
+            losses, parts = [], []
+            for n0 in range(0, n, rows):
+                n1 = min(n0 + rows, n)
+                h, y = h_all[n0:n1], targets[n0:n1]
+                c = _Chunk(head, h, y, want_entropy, one_pass and need_ent_grad, ws)
+                logp[n0:n1] = c.logp
+                if want_entropy:
+                    ent[n0:n1] = c.entropy
+                if one_pass:
+                    sl = slice(n0, n1)
+                    if fast is not None:
+                        loss, part, g = fast(sl, logp[n0:n1])
+                        g_ent = None
+                    else:
+                        loss, part, g, g_ent = _objective_grads(
+                            lambda lp, en: objective(sl, lp, en), logp[n0:n1],
+                            None if ent is None else ent[n0:n1], need_ent_grad)
+                    losses.append(loss)
+                    parts.append(part)
+                    grads.add(n0, n1, h, y, c, g, g_ent, head)
             if one_pass:
-                sl = slice(n0, n1)
-                if fast is not None:
-                    loss, part, g = fast(sl, logp[n0:n1])
-                    g_ent = None
-                else:
-                    loss, part, g, g_ent = _objective_grads(
-                        lambda lp, en: objective(sl, lp, en), logp[n0:n1],
-                        None if ent is None else ent[n0:n1], need_ent_grad)
-                losses.append(loss)
-                parts.append(part)
-                grads.add(n0, n1, h, y, c, g, g_ent, head)
-        if one_pass:
-            loss = torch.stack(losses).sum()
-            parts = {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts])
-                     for k in parts[0]}
-        else:
-            loss, parts, g, g_ent = _objective_grads(lambda lp, en: objective(slice(None), lp,
-                                                                              en),
-                                                     logp, ent, need_ent_grad and grad)
-            if grad:  # the second pass: the logits again, now with every token's gradient
-                for n0 in range(0, n, rows):
-                    n1 = min(n0 + rows, n)
-                    h, y = h_all[n0:n1], targets[n0:n1]
-                    ent_grad = g_ent is not None
-                    grads.add(n0, n1, h, y, _Chunk(head, h, y, ent_grad, ent_grad), g[n0:n1],
-                              None if g_ent is None else g_ent[n0:n1], head)
+                loss = torch.stack(losses).sum()
+                parts = {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts])
+                         for k in parts[0]}
+            else:
+                loss, parts, g, g_ent = _objective_grads(
+                    lambda lp, en: objective(slice(None), lp, en), logp, ent,
+                    need_ent_grad and grad)
+                if grad:  # the second pass: the logits again, now with every token's gradient
+                    for n0 in range(0, n, rows):
+                        n1 = min(n0 + rows, n)
+                        h, y = h_all[n0:n1], targets[n0:n1]
+                        ent_grad = g_ent is not None
+                        grads.add(n0, n1, h, y, _Chunk(head, h, y, ent_grad, ent_grad, ws),
+                                  g[n0:n1], None if g_ent is None else g_ent[n0:n1], head)
         ctx.grads = (None, None, None)
         if grad:
             ctx.grads = (None if grads.dh is None else grads.dh.to(hidden.dtype),
@@ -311,10 +354,12 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         h_all = hidden if hidden.dtype == dt else hidden.to(dt)
         logp = torch.empty(n, dtype=dt, device=hidden.device)
         entropy = torch.empty(n, dtype=dt, device=hidden.device)
-        for n0 in range(0, n, _rows(V, hidden.shape[1])):
-            n1 = min(n0 + _rows(V, hidden.shape[1]), n)
-            c = _Chunk(head, h_all[n0:n1], targets[n0:n1], True)
-            logp[n0:n1], entropy[n0:n1] = c.logp, c.entropy
+        rows = _rows(V, hidden.shape[1])
+        with _workspace(n, V, rows, dt, hidden.device) as ws:
+            for n0 in range(0, n, rows):
+                n1 = min(n0 + rows, n)
+                c = _Chunk(head, h_all[n0:n1], targets[n0:n1], True, out=ws)
+                logp[n0:n1], entropy[n0:n1] = c.logp, c.entropy
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.temperature = temperature
         return logp, entropy
@@ -330,12 +375,14 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         h_all = hidden if hidden.dtype == dt else hidden.to(dt)
         g_all = torch.zeros(n, dtype=dt, device=hidden.device) if grad_logp is None \
             else grad_logp.to(dt)
-        for n0 in range(0, n, _rows(V, hidden.shape[1])):
-            n1 = min(n0 + _rows(V, hidden.shape[1]), n)
-            h, y = h_all[n0:n1], targets[n0:n1]
-            ent_grad = grad_entropy is not None
-            grads.add(n0, n1, h, y, _Chunk(head, h, y, ent_grad, ent_grad), g_all[n0:n1],
-                      None if grad_entropy is None else grad_entropy[n0:n1].to(dt), head)
+        rows = _rows(V, hidden.shape[1])
+        with _workspace(n, V, rows, dt, hidden.device) as ws:
+            for n0 in range(0, n, rows):
+                n1 = min(n0 + rows, n)
+                h, y = h_all[n0:n1], targets[n0:n1]
+                ent_grad = grad_entropy is not None
+                grads.add(n0, n1, h, y, _Chunk(head, h, y, ent_grad, ent_grad, ws), g_all[n0:n1],
+                          None if grad_entropy is None else grad_entropy[n0:n1].to(dt), head)
         cast = (lambda x, like: None if x is None else x.to(like.dtype))
         return (cast(grads.dh, hidden), cast(grads.dw, weight),
                 None if bias is None else cast(grads.db, bias), None, None)
