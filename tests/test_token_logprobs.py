@@ -127,6 +127,20 @@ def test_torch_impl_chunk_buffer_is_reused_and_never_shared():
     chunked.release_workspace()
 
 
+def test_torch_impl_dw_is_written_by_the_first_chunk_else_zero():
+    """On the CPU dW starts unfilled and the first chunk writes it; without any chunk it is
+    zero, never the memory's old contents."""
+    from mr1fast.loss import chunked
+    h, w = torch.randn(4, 8), torch.randn(16, 8)
+    g = chunked._Grads(h, w, None, (True, True, False))
+    assert torch.equal(g.result()[1], torch.zeros(16, 8))
+    g = chunked._Grads(h, w, None, (False, True, False))
+    a, b = torch.randn(16, 4), torch.randn(4, 8)
+    g._add_dw(a, b)
+    g._add_dw(a, b)
+    assert_close("dW", g.result()[1], 2 * a @ b, 1e-6, 1e-6)
+
+
 def _buffer_ptr(chunked):
     with chunked._workspace(10, 64, 4, torch.float32, torch.device("cpu")) as ws:
         return ws.data_ptr()

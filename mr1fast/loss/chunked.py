@@ -135,14 +135,34 @@ class _Chunk:
 
 class _Grads:
     """fp32 (fp64) accumulators of dH, dW and db, filled chunk by chunk (every row of dH is
-    written once, so it starts empty)."""
+    written once, so it starts empty; on the CPU the first chunk writes dW instead of adding
+    to a zero-filled one: result() zeroes it if no chunk came)."""
 
     def __init__(self, hidden, weight, bias, need):
         dt = acc_dtype(hidden.dtype)
-        self.dh = torch.empty(hidden.shape, dtype=dt, device=hidden.device) if need[0] else None
-        self.dw = torch.zeros(weight.shape, dtype=dt, device=hidden.device) if need[1] else None
-        self.db = torch.zeros(weight.shape[0], dtype=dt, device=hidden.device) \
+        dev = hidden.device
+        self.dh = torch.empty(hidden.shape, dtype=dt, device=dev) if need[0] else None
+        self.dw = None if not need[1] else torch.zeros(weight.shape, dtype=dt, device=dev) \
+            if dev.type != "cpu" else torch.empty(weight.shape, dtype=dt, device=dev)
+        self.dw_written = dev.type != "cpu"
+        self.db = torch.zeros(weight.shape[0], dtype=dt, device=dev) \
             if bias is not None and need[2] else None
+
+    def _add_dw(self, a, b):
+        """dW += a @ b ([V, R] @ [R, d])."""
+        if a.is_cuda:
+            self.dw += matmul_acc(a, b)
+        elif self.dw_written:
+            self.dw.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=self.dw)
+            self.dw_written = True
+
+    def result(self):
+        """(dH, dW, db) in the accumulation dtype."""
+        if self.dw is not None and not self.dw_written:
+            self.dw.zero_()
+        return self.dh, self.dw, self.db
 
     def add(self, n0, n1, h, y, c: _Chunk, g, g_ent, head):
         """Adds chunk c's gradients (rows n0:n1, raw rows h, targets y), dlogits = (g *
@@ -160,10 +180,7 @@ class _Grads:
             if self.dh is not None:
                 self.dh[n0:n1] = matmul_acc(e, head.w).mul_(r[:, None])
             if self.dw is not None:
-                if e.is_cuda:
-                    self.dw += matmul_acc(e.t(), r[:, None] * h)
-                else:
-                    self.dw.addmm_(e.t(), r[:, None] * h)
+                self._add_dw(e.t(), r[:, None] * h)
             if self.db is not None:
                 self.db += e.t() @ r
             return
@@ -174,10 +191,7 @@ class _Grads:
         if self.dh is not None:
             self.dh[n0:n1] = matmul_acc(dz, head.w)
         if self.dw is not None:
-            if dz.is_cuda:
-                self.dw += matmul_acc(dz.t(), h)
-            else:
-                self.dw.addmm_(dz.t(), h)
+            self._add_dw(dz.t(), h)
         if self.db is not None:
             self.db += dz.sum(0)
 
@@ -319,9 +333,10 @@ class ChunkedGRPOLoss(torch.autograd.Function):
                                   g[n0:n1], None if g_ent is None else g_ent[n0:n1], head)
         ctx.grads = (None, None, None)
         if grad:
-            ctx.grads = (None if grads.dh is None else grads.dh.to(hidden.dtype),
-                         None if grads.dw is None else grads.dw.to(weight.dtype),
-                         None if grads.db is None else grads.db.to(bias.dtype))
+            dh, dw, db = grads.result()
+            ctx.grads = (None if dh is None else dh.to(hidden.dtype),
+                         None if dw is None else dw.to(weight.dtype),
+                         None if db is None else db.to(bias.dtype))
         out["parts"] = parts
         ent = ent if ent is not None else logp.new_zeros(0)
         ctx.mark_non_differentiable(logp, ent)
@@ -384,5 +399,6 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
                 grads.add(n0, n1, h, y, _Chunk(head, h, y, ent_grad, ent_grad, ws), g_all[n0:n1],
                           None if grad_entropy is None else grad_entropy[n0:n1].to(dt), head)
         cast = (lambda x, like: None if x is None else x.to(like.dtype))
-        return (cast(grads.dh, hidden), cast(grads.dw, weight),
-                None if bias is None else cast(grads.db, bias), None, None)
+        dh, dw, db = grads.result()
+        return (cast(dh, hidden), cast(dw, weight),
+                None if bias is None else cast(db, bias), None, None)
