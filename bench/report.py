@@ -52,7 +52,10 @@ def kernel_tables(recs) -> list[str]:
                 if op == "grpo_loss" and any(r["metric"] == "time_interleaved" and r["impl"] == i
                                              for r in recs)
                 and any(r["metric"] == "time_interleaved" and r["impl"] == f for r in recs)]
-        extra = [f"{i} / {f} (interleaved)" for i, f in pair[:1]]
+        liger = op == "grpo_loss" and any(r["metric"] == "time_interleaved" and
+                                          r["impl"] == "liger" for r in recs)
+        extra = [f"{i} / {f} (interleaved)" for i, f in pair[:1]] + \
+            [f"{i} / liger (interleaved)" for i, _ in pair[:1] if liger]
         out += [f"**{op}**, forward + backward: median time (ms) / extra peak memory (MiB)", "",
                 "| N | d | V | " + " | ".join(impls + extra) + " |",
                 "| --- | --- | --- | " + " | ".join("---" for _ in impls + extra) + " |"]
@@ -63,6 +66,9 @@ def kernel_tables(recs) -> list[str]:
             for i, f in pair[:1]:
                 a, b = (value(recs, op, x, "fwd_bwd", s, "time_interleaved") for x in (i, f))
                 cells.append(f"{a:.1f} / {b:.1f} = {a / b:.2f}x" if a and b else "-")
+                if liger:
+                    c = value(recs, op, "liger", "fwd_bwd", s, "time_interleaved")
+                    cells.append(f"{a:.1f} / {c:.1f} = {a / c:.2f}x" if a and c else "-")
             out.append(f"| {s['N']} | {s['d']} | {s['V']} | " + " | ".join(cells) + " |")
         out.append("")
     return out
