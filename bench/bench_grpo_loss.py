@@ -261,7 +261,9 @@ def test_floor_interleaved(benchmark, records, shape_name):
     steps = {p: make_step("grpo_loss", p, "fwd_bwd", x) for p in providers}
     times = {p: [] for p in steps}
     for k in range(INTERLEAVED_ROUNDS + 1):   # round 0 warms up
-        for p, (setup, run) in steps.items():
+        # each round in a rotated order: no provider always runs right after the same one
+        for p in providers[k % len(providers):] + providers[:k % len(providers)]:
+            setup, run = steps[p]
             setup()
             if ON_GPU:
                 torch.cuda.synchronize()

@@ -143,10 +143,20 @@ def test_grid_runs_resumes_and_reports(tmp_path, cache_dir):
     ({"tasks": {"counting": {"train": {"source": "a.jsonl", "limit": "all"}, "test": "b"}}},
      "tasks.counting.train.limit"),
     ({"tasks": {"counting": 3}}, "tasks.counting"),
+    ({"tasks": {"counting": {"train": "a.jsonl", "test": "b.jsonl",
+                             "validation": {"source": "a.jsonl", "split": "train"}}}},
+     "the training rows themselves"),
+    ({"tasks": {"counting": {"train": "a.jsonl", "test": "b.jsonl"}},
+      "overrides": {"data": {"limit": 5}}}, r"overrides: sets \['data.limit'\], which tasks.counting"),
+    ({"tasks": {"counting": {"train": "a.jsonl", "test": "b.jsonl"}},
+      "methods": {"s": {"recipe": "sft", "task_overrides": {"counting": {"data": {"holdout": 1}}}}},
+      "ablations": {}},
+     "methods.s.task_overrides.counting: sets"),
+    ({"overrides": {"data": {"train": "x.jsonl"}}}, "which tasks.counting decides"),
 ])
 def test_bad_grids_name_the_key(tmp_path, change, message):
     if "tasks" in change:   # one bad task beside the grid's good ones
-        change = {"tasks": {**GRID["tasks"], **change["tasks"]}}
+        change = {**change, "tasks": {**GRID["tasks"], **change["tasks"]}}
     with pytest.raises(UsageError, match=message):
         rp.load_grid(_grid(tmp_path, **change))
 
@@ -171,7 +181,8 @@ def test_the_paper_scale_grid_plans_the_real_recipes():
     counting = rp.base_config(grid, subs["grpo-d/counting/seed1"].overrides)
     assert (counting.data.train, counting.data.split, counting.data.limit,
             counting.data.holdout) == ("leonardPKU/clevr_cogen_a_train", "train", 100, 200)
-    assert counting.grpo.max_steps == 13 and counting.seed == 1          # 200 prompts / 16
+    assert counting.grpo.max_steps == 12 and counting.seed == 1          # 2 epochs of 6 x 16
+    assert counting.log.eval_every == 4
     assert counting.grpo.beta_schedule["beta_max"] == 0.1
     assert counting.model.name == "Qwen/Qwen2-VL-2B-Instruct"
     geometry = rp.base_config(grid, subs["sft/geometry/seed0"].overrides)
@@ -184,6 +195,28 @@ def test_the_paper_scale_grid_plans_the_real_recipes():
         "eval.tasks": {"geometry": "data/geoqa_test.jsonl"}, "eval.split": "test",
         "eval.rows": 0}
     assert grid.tasks["geometry"].test.items == 754 and grid.tasks["counting"].test.items == 200
+
+
+def test_a_task_given_as_one_source_keeps_the_recipes_rows(tmp_path):
+    """Only a task given as a mapping decides data.split, data.limit and data.holdout; one
+    given as a source string leaves them to the recipe and the overrides."""
+    grid = rp.load_grid(_grid(tmp_path, overrides={**GRID["overrides"],
+                                                   "data": {"synthetic_size": 16, "limit": 7}}))
+    sub = rp.sub_runs(grid, beta={})[0]
+    assert sub.overrides["data.train"] == "synthetic:counting"
+    assert not {"data.split", "data.limit", "data.holdout"} & set(sub.overrides)
+    assert rp.base_config(grid, sub.overrides).data.limit == 7
+
+
+def test_the_shared_base_never_trains_on_a_validation_holdout(tmp_path):
+    files = _files(tmp_path)
+    grid = rp.load_grid(_grid(tmp_path, tasks={"counting": "synthetic:counting",
+                                               "geometry": files},
+                              base={"sft": {"data": {"train": files["train"]}}}))
+    keys = rp.base_sft_keys(grid, tmp_path / "base")
+    assert keys["data.holdout"] == 3 and keys["data.train"] == files["train"]
+    grid = rp.load_grid(_grid(tmp_path))      # the base's own data: nothing held out
+    assert "data.holdout" not in rp.base_sft_keys(grid, tmp_path / "base")
 
 
 def test_the_command_reports_a_missing_grid(capsys):

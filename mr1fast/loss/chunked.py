@@ -66,7 +66,7 @@ class _Head:
 
     def logits(self, h, out=None):
         """z [R, V] for a chunk of rows h [R, d] (accumulation dtype), written into `out` (a
-        CPU buffer of at least R rows, see _Workspace) when given."""
+        CPU buffer of at least R rows, see _workspace) when given."""
         if self.temperature != 1.0:
             h = h * (1.0 / self.temperature)
         if out is not None:
@@ -380,6 +380,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets = ctx.saved_tensors
         n, V = hidden.shape[0], weight.shape[0]

@@ -72,6 +72,11 @@ class Task:
     test: Source
     holdout: int = 0                        # the training source's first rows, left out of
                                             # training (the validation split when not named)
+    explicit: bool = False                  # given as a mapping: it sets data.split, data.limit
+                                            # and data.holdout of its runs (TASK_KEYS)
+
+
+TASK_KEYS = ("data.train", "data.split", "data.limit", "data.holdout")
 
 
 def parse_task(where: str, spec, validation_items: int) -> Task:
@@ -101,7 +106,7 @@ def parse_task(where: str, spec, validation_items: int) -> Task:
             raise UsageError(f"{key}: expected a source or {{source, split, {count}}}, got "
                              f"{value!r}")
         n = value.get(count, 0)
-        if not (isinstance(n, int) and n >= 0):
+        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
             raise UsageError(f"{key}.{count}: expected a number of rows >= 0, got {n!r}")
         split = value.get("split", role)
         if not (isinstance(split, str) and split):
@@ -111,13 +116,21 @@ def parse_task(where: str, spec, validation_items: int) -> Task:
     train = source("train", spec["train"], "limit")
     test = source("test", spec["test"], "items")
     val = spec.get("validation", "holdout")
-    if val == "holdout" or (isinstance(val, dict) and set(val) == {"holdout"}):
+    if val == "holdout" or (isinstance(val, dict) and "holdout" in val):
         n = validation_items if val == "holdout" else val["holdout"]
-        if not (isinstance(n, int) and n > 0):
+        if val != "holdout" and set(val) != {"holdout"}:
+            raise UsageError(f"{where}.validation: expected {{holdout: N}} (the first N rows of "
+                             f"the training source) or a source, got {val!r}")
+        if not (isinstance(n, int) and not isinstance(n, bool) and n > 0):
             raise UsageError(f"{where}.validation.holdout: expected the number of rows held "
                              f"out of {train.source}, got {n!r}")
-        return Task(train, Source(train.source, train.split, n, rows=n), test, holdout=n)
-    return Task(train, source("validation", val, "items"), test)
+        return Task(train, Source(train.source, train.split, n, rows=n), test, holdout=n,
+                    explicit=True)
+    validation = source("validation", val, "items")
+    if (validation.source, validation.split) == (train.source, train.split):
+        raise UsageError(f"{where}.validation: the training rows themselves ({train.source}, "
+                         f"split {train.split}); use {{holdout: N}} to hold out its first rows")
+    return Task(train, validation, test, explicit=True)
 
 
 @dataclass
@@ -213,6 +226,18 @@ def load_grid(path: str) -> Grid:
                 methods=methods, eval=ev, paper=raw.get("paper") or {},
                 ablations=raw.get("ablations") or {},
                 output_dir=raw.get("output_dir", "runs/reproduce"), base=raw.get("base") or {})
+    for t, task in tasks.items():
+        sets = [("overrides", grid.overrides)] + [
+            (f"methods.{n}.overrides", m.overrides) for n, m in methods.items()] + [
+            (f"methods.{n}.task_overrides.{t}", m.task_overrides.get(t, {}))
+            for n, m in methods.items()] + [
+            (f"ablations.{a}", {v["key"]: None}) for a, v in grid.ablations.items()
+            if v["task"] == t]
+        for where, d in sets:
+            clash = sorted(k for k in _flatten(d) if k in TASK_KEYS)
+            if clash and (task.explicit or "data.train" in clash):
+                raise UsageError(f"{path}: {where}: sets {clash}, which tasks.{t} decides "
+                                 "(its training source, split, limit and hold-out)")
     if set(grid.base) - {"sft"} or not isinstance(grid.base.get("sft", {}), dict):
         raise UsageError(f"{path}: base: expected nothing (the recipe's model) or "
                          "{sft: {overrides}} (an SFT run that makes the shared base)")
@@ -290,11 +315,13 @@ def _sub(grid: Grid, method: str, task: str, seed: int, m: Method, extra: dict) 
     cfg = base_config(grid, own)
     batch = cfg.grpo.prompts_per_step if m.kind == "grpo" else cfg.sft.batch_size
     steps = max(1, math.ceil((m.examples or grid.examples)[task] / batch))
-    train = grid.tasks[task].train
-    return SubRun(method, task, seed, m.kind, {
-        **own, "seed": seed, "data.train": train.source, "data.split": train.split,
-        "data.limit": train.items, "data.holdout": grid.tasks[task].holdout,
-        f"{m.kind}.max_steps": steps})
+    t = grid.tasks[task]
+    data = {"data.train": t.train.source}
+    if t.explicit:   # the task owns its rows (load_grid refuses overrides of TASK_KEYS)
+        data.update({"data.split": t.train.split, "data.limit": t.train.items,
+                     "data.holdout": t.holdout})
+    return SubRun(method, task, seed, m.kind, {**own, "seed": seed, **data,
+                                               f"{m.kind}.max_steps": steps})
 
 
 def eval_overrides(grid: Grid, task: str, role: str) -> dict:
@@ -488,6 +515,19 @@ def figure(grid: Grid, agg: dict, results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def base_sft_keys(grid: Grid, out_dir: Path) -> dict:
+    """The config keys of the SFT run that makes a grid's shared base (grid.base["sft"]). It
+    never trains on a task's validation hold-out: on a task's training source it skips the
+    largest hold-out of that source."""
+    keys = {**_flatten(grid.base["sft"]), "output_dir": str(out_dir), "eval.tasks": {}}
+    data = base_config(grid, keys).data
+    held = [t.holdout for t in grid.tasks.values()
+            if (t.train.source, t.train.split) == (data.train, data.split)]
+    if held:
+        keys["data.holdout"] = max([data.holdout] + held)
+    return keys
+
+
 def reproduce(grid_path: str, output_dir: Optional[str] = None, *, ablations: bool = False,
               on_done: Optional[Callable[[SubRun, dict], None]] = None) -> dict:
     """Runs (or resumes) the grid; returns {"base", "results", "aggregate"}. `on_done(sub,
@@ -501,8 +541,7 @@ def reproduce(grid_path: str, output_dir: Optional[str] = None, *, ablations: bo
         final = base_dir / "checkpoints" / "final"
         if not (final / "config.json").is_file():
             print("reproduce: training the shared base (SFT)", flush=True)
-            run_sft(base_config(grid, {**_flatten(grid.base["sft"]),
-                                       "output_dir": str(base_dir), "eval.tasks": {}}))
+            run_sft(base_config(grid, base_sft_keys(grid, base_dir)))
         grid.overrides = {**_flatten(grid.overrides), "model.name": str(final)}
     base_file = root / "base" / "result.json"
     if base_file.is_file():
