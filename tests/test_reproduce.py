@@ -219,6 +219,29 @@ def test_the_shared_base_never_trains_on_a_validation_holdout(tmp_path):
     assert "data.holdout" not in rp.base_sft_keys(grid, tmp_path / "base")
 
 
+def test_a_sub_run_with_the_config_of_a_finished_one_takes_its_result(tmp_path):
+    """An ablation value equal to its method's setting is the method's own run: the same
+    config digest, and run_sub takes the finished run's result instead of training again."""
+    grid = rp.load_grid(_grid(tmp_path))
+    subs = {s.id: s for s in rp.sub_runs(grid, beta={}, ablations=True)}
+
+    def digest(i):
+        return rp.config_digest(grid, subs[i])
+    assert digest("ablation-format_weight-1/counting/seed0") == digest("grpo-d/counting/seed0")
+    assert digest("ablation-format_weight-0/counting/seed0") != digest("grpo-d/counting/seed0")
+    assert digest("grpo-d/counting/seed1") != digest("grpo-d/counting/seed0")
+    assert digest("grpo-d/geometry/seed0") != digest("grpo-d/counting/seed0")
+    first = {"id": "grpo-d/counting/seed0", "method": "grpo-d", "task": "counting", "seed": 0,
+             "test": {"counting": 12.5}, "validation": {"counting": 25.0}, "seconds": 30.0}
+    sub = subs["ablation-format_weight-1/counting/seed0"]
+    out = rp.run_sub(grid, sub, tmp_path / "out", same=first)
+    assert out["same_as"] == "grpo-d/counting/seed0" and out["test"] == first["test"]
+    assert out["method"] == "ablation-format_weight-1" and out["seconds"] == 0.0
+    saved = tmp_path / "out" / "runs" / sub.id / "result.json"
+    assert json.loads(saved.read_text()) == out
+    assert not (saved.parent / "checkpoints").exists()      # nothing trained
+
+
 def test_the_command_reports_a_missing_grid(capsys):
     from mr1fast.trainer.cli import main
     assert main(["reproduce", "--grid", "no/such/grid.yaml"]) == 2
