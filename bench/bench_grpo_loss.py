@@ -108,14 +108,19 @@ def gemm_floor(x, mode):
     if not ON_GPU:
         import time
         dw = torch.zeros_like(w)
+        dh = torch.empty_like(h2)
+        # Every product into a buffer allocated once (as the torch impl's chunk buffer): a
+        # fresh [R, V] tensor per chunk would add page faults to the floor.
+        buf = torch.empty(min(1024, h2.shape[0]) * w.shape[0], dtype=w.dtype)
 
         def run_rows(rows):
             for r0 in range(0, h2.shape[0], rows):
                 h = h2[r0:r0 + rows]
-                logits = h @ w.t()
+                logits = torch.mm(h, w.t(), out=buf[:h.shape[0] * w.shape[0]]
+                                  .view(h.shape[0], w.shape[0]))
                 if mode != "fwd":
-                    _ = logits @ w                # dH
-                    dw.addmm_(logits.t(), h)      # dW
+                    torch.mm(logits, w, out=dh[r0:r0 + rows])     # dH
+                    dw.addmm_(logits.t(), h)                       # dW
 
         def seconds(rows):
             t0 = time.perf_counter()
