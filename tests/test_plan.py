@@ -12,8 +12,9 @@ from mr1fast.trainer.config import load_config
 from mr1fast.trainer.plan import GB, communication, fits, memory_plan, micro_batch, model_shape
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "qwen2vl" in p.name
-                 or p.parent.name == "ablations")
+RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml")   # reproduce/: grids of them
+                 if ("qwen2vl" in p.name or p.parent.name == "ablations")
+                 and "reproduce" not in p.parts)
 
 
 @pytest.fixture(scope="module")
