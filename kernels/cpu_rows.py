@@ -43,9 +43,11 @@ def exp_rows_reference(z: torch.Tensor, keep_logits: bool, want_dot: bool):
 
 
 def exp_rows(z: torch.Tensor, keep_logits: bool = False, want_dot: bool = False,
-             use_native: bool | None = None):
+             use_native: bool | None = None, out: torch.Tensor | None = None):
     """(e, m, s, t) for a chunk of logits z [R, V]; see the module doc. use_native None: the
-    native kernel where it applies; True: it or an error; False: the reference."""
+    native kernel where it applies; True: it or an error; False: the reference. out: where the
+    native kernel writes e when keep_logits (a contiguous tensor shaped like z; the reference
+    allocates its own)."""
     ext = native() if use_native is not False else None
     applies = (ext is not None and z.dtype == torch.float32 and z.device.type == "cpu"
                and z.dim() == 2 and z.is_contiguous() and z.shape[1] > 0)
@@ -55,6 +57,12 @@ def exp_rows(z: torch.Tensor, keep_logits: bool = False, want_dot: bool = False,
                            f"({z.dtype}, {z.device}, contiguous={z.is_contiguous()})")
     if not applies:
         return exp_rows_reference(z, keep_logits, want_dot)
-    e = torch.empty_like(z) if keep_logits else z
+    if not keep_logits:
+        e = z
+    elif out is not None and out.shape == z.shape and out.dtype == z.dtype and \
+            out.is_contiguous():
+        e = out
+    else:
+        e = torch.empty_like(z)
     m, s, t = ext.exp_rows(z, e, want_dot)
     return e, m, s, (t if want_dot else None)

@@ -57,6 +57,20 @@ def test_native_rows_equal_the_reference(R, V, keep_logits, want_dot):
 
 
 @needs_native
+@needs_native
+def test_native_rows_write_a_kept_chunk_into_the_given_buffer():
+    z = torch.randn(5, 33)
+    want = cpu_rows.exp_rows(z.clone(), True, True, use_native=True)
+    buf = torch.full((5, 33), float("nan"))
+    got = cpu_rows.exp_rows(z, True, True, use_native=True, out=buf)
+    assert got[0].data_ptr() == buf.data_ptr()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    wrong = torch.empty(4, 33)    # not shaped like z: a fresh tensor instead
+    assert cpu_rows.exp_rows(z, True, False, use_native=True, out=wrong)[0].data_ptr() != \
+        wrong.data_ptr()
+
+
 def test_native_rows_propagate_nan():
     z = torch.randn(2, 40)
     z[1, 5] = float("nan")

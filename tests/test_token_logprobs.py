@@ -103,18 +103,19 @@ def test_torch_impl_chunk_buffer_is_reused_and_never_shared():
     from mr1fast.loss import chunked
     chunked.release_workspace()
     with chunked._workspace(10, 64, 4, torch.float32, torch.device("cpu")) as a:
-        assert a.shape == (4, 64)
+        assert a.shape == (1, 4, 64)
         with chunked._workspace(3, 64, 4, torch.float32, torch.device("cpu")) as nested:
-            assert nested.shape == (3, 64) and nested.data_ptr() != a.data_ptr()
+            assert nested.shape == (1, 3, 64) and nested.data_ptr() != a.data_ptr()
         seen = {}
         t = threading.Thread(target=lambda: seen.update(ptr=_buffer_ptr(chunked)))
         t.start()
         t.join()
         assert seen["ptr"] != a.data_ptr()
     with chunked._workspace(2, 64, 4, torch.float32, torch.device("cpu")) as b:
-        assert b.shape == (2, 64) and b.data_ptr() == a.data_ptr()     # kept, a smaller view
-    with chunked._workspace(10, 128, 4, torch.float32, torch.device("cpu")) as c:
-        assert c.shape == (4, 128)                                      # grown
+        assert b.shape == (1, 2, 64) and b.data_ptr() == a.data_ptr()  # kept, a smaller view
+    with chunked._workspace(10, 128, 4, torch.float32, torch.device("cpu"), 2) as c:
+        assert c.shape == (2, 4, 128)                                   # grown: logits and e
+        assert c[1].data_ptr() - c[0].data_ptr() == 4 * 128 * 4
     with chunked._workspace(10, 128, 4, torch.float64, torch.device("cpu")) as d:
         assert d.dtype == torch.float64
     # results do not depend on what an earlier call left in the buffer

@@ -86,26 +86,27 @@ _LOCAL = threading.local()
 
 
 @contextlib.contextmanager
-def _workspace(n, V, rows, dtype, device):
+def _workspace(n, V, rows, dtype, device, k=1):
     """The [R, V] buffer that every chunk's logits reuse, on the CPU (None elsewhere: CUDA's
     caching allocator reuses the chunks' memory already). A fresh 8-64 MiB tensor costs page
     faults on the CPU, since glibc hands large freed blocks back to the OS: 6-12 thousand per
     call at N = 1024, V = 16384 with a tensor per chunk (measured; about 1-2 ms per 8 MiB). So
     one buffer per thread is kept between calls (at most ROW_CAP elements: 64 MiB in fp32;
-    release_workspace() frees it); a nested call gets its own."""
+    release_workspace() frees it); a nested call gets its own. Yields [k, R, V]: k = 2 where the
+    softmax chunk e is kept beside the logits (entropy gradients)."""
     if device.type != "cpu":
         yield None
         return
-    r = min(rows, n)
+    size = k * min(rows, n) * V
     buf = getattr(_LOCAL, "buf", None)
     if getattr(_LOCAL, "busy", False):
-        buf = torch.empty(r * V, dtype=dtype)
-    elif buf is None or buf.dtype != dtype or buf.numel() < r * V:
+        buf = torch.empty(size, dtype=dtype)
+    elif buf is None or buf.dtype != dtype or buf.numel() < size:
         buf = _LOCAL.buf = None   # the old one first: never two at once
-        buf = _LOCAL.buf = torch.empty(r * V, dtype=dtype)
+        buf = _LOCAL.buf = torch.empty(size, dtype=dtype)
     busy, _LOCAL.busy = getattr(_LOCAL, "busy", False), True
     try:
-        yield buf[:r * V].view(r, V)
+        yield buf[:size].view(k, min(rows, n), V)
     finally:
         _LOCAL.busy = busy
 
@@ -121,12 +122,14 @@ class _Chunk:
     want_entropy, the entropies; with keep_logits also the logits z (for the entropy's
     gradient). The passes over [R, V] are mr1fast.kernels.cpu_rows.exp_rows (one native pass
     for the max and one for exp and the sums on the CPU, torch's ops elsewhere); the
-    normalisation by s is folded into the GEMMs' row scales."""
+    normalisation by s is folded into the GEMMs' row scales. ws: the call's [k, R, V] buffers
+    (_workspace; None: fresh tensors): the logits go into ws[0], a kept logits' e into ws[1]."""
 
-    def __init__(self, head, h, y, want_entropy, keep_logits=False, out=None):
-        z = head.logits(h, out)
+    def __init__(self, head, h, y, want_entropy, keep_logits=False, ws=None):
+        z = head.logits(h, None if ws is None else ws[0])
         logit_y = z.gather(1, y[:, None]).squeeze(1)
-        self.e, self.m, s, dot = exp_rows(z, keep_logits, want_entropy)
+        e_out = ws[1][:h.shape[0]] if keep_logits and ws is not None and len(ws) > 1 else None
+        self.e, self.m, s, dot = exp_rows(z, keep_logits, want_entropy, out=e_out)
         self.s, self.inv_s, self.log_s = s, 1.0 / s, torch.log(s)
         self.logp = (logit_y - self.m - self.log_s).clamp(max=0.0)
         self.z = z if keep_logits else None
@@ -292,7 +295,8 @@ class ChunkedGRPOLoss(torch.autograd.Function):
         logp = torch.empty(n, dtype=dt, device=hidden.device)
         ent = torch.empty(n, dtype=dt, device=hidden.device) if want_entropy else None
         grads = _Grads(hidden, weight, bias, need) if grad else None
-        with _workspace(n, V, rows, dt, hidden.device) as ws:
+        with _workspace(n, V, rows, dt, hidden.device,
+                        2 if grad and options.needs_entropy_grad else 1) as ws:
             one_pass = grad and options.token_separable
             fast = fast if one_pass else None
             need_ent_grad = options.needs_entropy_grad
@@ -373,7 +377,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         with _workspace(n, V, rows, dt, hidden.device) as ws:
             for n0 in range(0, n, rows):
                 n1 = min(n0 + rows, n)
-                c = _Chunk(head, h_all[n0:n1], targets[n0:n1], True, out=ws)
+                c = _Chunk(head, h_all[n0:n1], targets[n0:n1], True, ws=ws)
                 logp[n0:n1], entropy[n0:n1] = c.logp, c.entropy
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.temperature = temperature
@@ -392,11 +396,11 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         g_all = torch.zeros(n, dtype=dt, device=hidden.device) if grad_logp is None \
             else grad_logp.to(dt)
         rows = _rows(V, hidden.shape[1])
-        with _workspace(n, V, rows, dt, hidden.device) as ws:
+        ent_grad = grad_entropy is not None
+        with _workspace(n, V, rows, dt, hidden.device, 2 if ent_grad else 1) as ws:
             for n0 in range(0, n, rows):
                 n1 = min(n0 + rows, n)
                 h, y = h_all[n0:n1], targets[n0:n1]
-                ent_grad = grad_entropy is not None
                 grads.add(n0, n1, h, y, _Chunk(head, h, y, ent_grad, ent_grad, ws), g_all[n0:n1],
                           None if grad_entropy is None else grad_entropy[n0:n1].to(dt), head)
         cast = (lambda x, like: None if x is None else x.to(like.dtype))
