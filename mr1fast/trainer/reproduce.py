@@ -71,13 +71,22 @@ class Task:
     train: Source
     validation: Source
     test: Source
-    holdout: int = 0                        # the training source's first rows, left out of
-                                            # training (the validation split when not named)
     explicit: bool = False                  # given as a mapping: it sets data.split, data.limit
                                             # and data.holdout of its runs (TASK_KEYS)
 
+    @property
+    def holdout(self) -> int:
+        """The training source's first rows, left out of training: the validation rows when
+        validation is held out of it (else 0)."""
+        return self.validation.rows
+
 
 TASK_KEYS = ("data.train", "data.split", "data.limit", "data.holdout")
+
+
+def _is_count(n, least: int) -> bool:
+    """An int (not a bool) >= least."""
+    return isinstance(n, int) and not isinstance(n, bool) and n >= least
 
 
 def parse_task(where: str, spec, validation_items: int) -> Task:
@@ -107,7 +116,7 @@ def parse_task(where: str, spec, validation_items: int) -> Task:
             raise UsageError(f"{key}: expected a source or {{source, split, {count}}}, got "
                              f"{value!r}")
         n = value.get(count, 0)
-        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+        if not _is_count(n, 0):
             raise UsageError(f"{key}.{count}: expected a number of rows >= 0, got {n!r}")
         split = value.get("split", role)
         if not (isinstance(split, str) and split):
@@ -122,11 +131,10 @@ def parse_task(where: str, spec, validation_items: int) -> Task:
         if val != "holdout" and set(val) != {"holdout"}:
             raise UsageError(f"{where}.validation: expected {{holdout: N}} (the first N rows of "
                              f"the training source) or a source, got {val!r}")
-        if not (isinstance(n, int) and not isinstance(n, bool) and n > 0):
+        if not _is_count(n, 1):
             raise UsageError(f"{where}.validation.holdout: expected the number of rows held "
                              f"out of {train.source}, got {n!r}")
-        return Task(train, Source(train.source, train.split, n, rows=n), test, holdout=n,
-                    explicit=True)
+        return Task(train, Source(train.source, train.split, n, rows=n), test, explicit=True)
     validation = source("validation", val, "items")
     if (validation.source, validation.split) == (train.source, train.split):
         raise UsageError(f"{where}.validation: the training rows themselves ({train.source}, "
@@ -249,8 +257,7 @@ def load_grid(path: str) -> Grid:
 def _examples(where: str, value, tasks: dict) -> dict:
     """{task: examples per run} from one positive integer or a mapping with one per task."""
     out = value if isinstance(value, dict) else {t: value for t in tasks}
-    if set(out) != set(tasks) or not all(isinstance(n, int) and not isinstance(n, bool)
-                                         and n > 0 for n in out.values()):
+    if set(out) != set(tasks) or not all(_is_count(n, 1) for n in out.values()):
         raise UsageError(f"{where}: expected a positive integer, or one per task "
                          f"({sorted(tasks)}), got {value!r}")
     return dict(out)
